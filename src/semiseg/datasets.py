@@ -1,0 +1,239 @@
+"""Finding the labeled and unlabeled scans in a folder, and choosing the seeded split.
+
+Layouts, detected automatically:
+- MSD / nnU-Net: `imagesTr/` (+ `labelsTr/`), optional `imagesTs/` (unlabeled), `_0000` channel
+  suffix, class names from `dataset.json`;
+- plain: `images/` + `labels/` with matching names;
+- the LA benchmark tree: one folder per case holding `mri_norm2.h5` (`image` and `label`).
+Images without a label are unlabeled; `extra_unlabeled` folders add more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from semiseg.errors import InputError
+from semiseg.io import is_dicom_folder, strip_suffix, volume_suffix
+
+LA_FILE = "mri_norm2.h5"
+_CHANNEL = re.compile(r"_(\d{4})$")
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: str
+    label: str | None = None  # a path; for h5 files the label is the same file's "label" dataset
+
+    @property
+    def has_label(self) -> bool:
+        return self.label is not None
+
+
+@dataclass
+class Dataset:
+    root: str
+    layout: str
+    cases: list[Case]
+    class_names: dict[int, str]
+    modality: str = "MR"
+    missing: list[str] = field(default_factory=list)  # ids listed by the dataset but absent on disk
+
+    @property
+    def labeled(self) -> list[Case]:
+        return [c for c in self.cases if c.has_label]
+
+    @property
+    def unlabeled(self) -> list[Case]:
+        return [c for c in self.cases if not c.has_label]
+
+    def describe(self) -> str:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(self.class_names.items()))
+        text = f"{self.layout} dataset: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled; modality {self.modality}; classes {names}"
+        if self.missing:
+            text += f"; {len(self.missing)} listed cases absent ({', '.join(self.missing[:3])}{'...' if len(self.missing) > 3 else ''})"
+        return text
+
+
+def load_dataset(root: str | os.PathLike, extra_unlabeled: list[str | os.PathLike] = ()) -> Dataset:
+    """Detect the layout of `root` and list its cases; refuse a folder with no image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder (give the dataset folder)")
+    if (root / "imagesTr").is_dir():
+        dataset = _msd(root)
+    elif (root / "images").is_dir():
+        dataset = _paired(root, root / "images", root / "labels", "images/labels")
+    elif (root / LA_FILE).is_file() or any(_la_case_dirs(root)):
+        dataset = _la(root)
+    else:
+        dataset = _paired(root, root, None, "flat folder")
+    for folder in extra_unlabeled:
+        dataset.cases += [Case(strip_suffix(p), str(p)) for p in _images_in(Path(folder))]
+    _check_unique(dataset)
+    if not dataset.cases:
+        raise InputError(f"{root}: no images found (expected imagesTr/, images/, LA case folders, or volume files)")
+    return dataset
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    found = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and volume_suffix(path) not in (None, ".h5"):
+            found.append(path)
+        elif path.is_dir() and not path.is_symlink() and is_dicom_folder(path):
+            found.append(path)
+    return found
+
+
+def _case_id(path: Path) -> tuple[str, int]:
+    """Case id and channel index from an nnU-Net style name ("case_0000.nii.gz" -> ("case", 0))."""
+    stem = strip_suffix(path)
+    match = _CHANNEL.search(stem)
+    return (stem[: match.start()], int(match.group(1))) if match else (stem, 0)
+
+
+def _by_id(paths: list[Path], folder: Path) -> dict[str, Path]:
+    result: dict[str, Path] = {}
+    for path in paths:
+        case_id, channel = _case_id(path)
+        if channel != 0:
+            raise InputError(f"{path}: channel {channel} found; semiseg trains on single-channel scans only")
+        result[case_id] = path
+    return result
+
+
+def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Dataset:
+    image_files = _by_id(_images_in(images), images)
+    label_files = {strip_suffix(p): p for p in _images_in(labels)} if labels is not None and labels.is_dir() else {}
+    orphans = sorted(set(label_files) - set(image_files))
+    if orphans:
+        raise InputError(f"{labels}: labels without an image: {', '.join(orphans[:5])}")
+    cases = [Case(cid, str(path), str(label_files[cid]) if cid in label_files else None) for cid, path in sorted(image_files.items())]
+    return Dataset(str(root), layout, cases, _class_names(root, cases), _modality(root))
+
+
+def _msd(root: Path) -> Dataset:
+    dataset = _paired(root, root / "imagesTr", root / "labelsTr", "MSD/nnU-Net")
+    if (root / "imagesTs").is_dir():
+        dataset.cases += [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(root / "imagesTs"), root).items())]
+    return dataset
+
+
+def _la_case_dirs(root: Path):
+    return (p for p in sorted(root.rglob(LA_FILE)))
+
+
+def _la(root: Path) -> Dataset:
+    files = {p.parent.name: p for p in _la_case_dirs(root)}
+    listed: list[str] = []
+    for list_file in sorted(root.rglob("*.list")):
+        listed += [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    missing = sorted(set(listed) - set(files))
+    cases = [Case(cid, str(path), str(path)) for cid, path in sorted(files.items())]
+    return Dataset(str(root), "LA h5", cases, {0: "background", 1: "left atrium"}, "MR", missing)
+
+
+def _dataset_json(root: Path) -> dict:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+
+
+def _class_names(root: Path, cases: list[Case]) -> dict[int, str]:
+    labels = _dataset_json(root).get("labels")
+    if isinstance(labels, dict) and labels:
+        # nnU-Net v1 writes {"0": "background"}; v2 writes {"background": 0}.
+        if all(str(k).isdigit() for k in labels):
+            return {int(k): str(v) for k, v in labels.items()}
+        return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+    return {}  # filled from the label values when the cases are preprocessed
+
+
+def _modality(root: Path) -> str:
+    modality = _dataset_json(root).get("modality") or _dataset_json(root).get("channel_names") or {}
+    first = str(next(iter(modality.values()), "MR")) if isinstance(modality, dict) else "MR"
+    return "CT" if first.upper() == "CT" else "MR"
+
+
+def _check_unique(dataset: Dataset) -> None:
+    seen: set[str] = set()
+    for case in dataset.cases:
+        if case.case_id in seen:
+            raise InputError(f"two scans share the case id '{case.case_id}' ({dataset.root}); rename one")
+        seen.add(case.case_id)
+
+
+@dataclass
+class Split:
+    """Which cases train with labels, which train without, which validate; recorded in checkpoints."""
+
+    labeled: list[str]
+    unlabeled: list[str]
+    validation: list[str]
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _count(spec: str | int | float, total: int, what: str) -> int:
+    text = str(spec).strip()
+    try:
+        count = round(total * float(text[:-1]) / 100) if text.endswith("%") else int(text)
+    except ValueError:
+        raise InputError(f"{what} '{spec}': give a count (8), a percentage (10%) or a list file") from None
+    if not 0 <= count <= total:
+        raise InputError(f"{what} '{spec}' is outside 0..{total} available cases")
+    return count
+
+
+def _listed(spec: str, dataset: Dataset, what: str) -> list[str] | None:
+    path = Path(str(spec))
+    if not path.is_file():
+        return None
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    known = {c.case_id for c in dataset.labeled}
+    absent = [i for i in ids if i not in known]
+    if absent:
+        raise InputError(f"{path}: {len(absent)} {what} ids are not labeled cases here: {', '.join(absent[:5])}")
+    return ids
+
+
+def choose_split(dataset: Dataset, labeled: str | int = "100%", validation: str | int = 0, seed: int = 0) -> Split:
+    """Seeded split: validation drawn from the labeled cases first, then the labeled subset from the
+    rest (a count, a percentage of what remains, or a list file); every other scan is unlabeled."""
+    candidates = sorted(c.case_id for c in dataset.labeled)
+    if not candidates:
+        raise InputError(f"{dataset.root}: no labeled case (training needs at least one image with a label)")
+    rng = random.Random(seed)
+    order = candidates[:]
+    rng.shuffle(order)
+    validation_ids = _listed(str(validation), dataset, "validation")
+    if validation_ids is None:
+        validation_ids = sorted(order[: _count(validation, len(order), "validation")])
+    remaining = [c for c in order if c not in set(validation_ids)]
+    labeled_ids = _listed(str(labeled), dataset, "labeled")
+    if labeled_ids is None:
+        labeled_ids = sorted(remaining[: _count(labeled, len(remaining), "labeled")])
+    overlap = set(labeled_ids) & set(validation_ids)
+    if overlap:
+        raise InputError(f"cases both labeled and validation: {', '.join(sorted(overlap)[:5])}")
+    if not labeled_ids:
+        raise InputError(f"the labeled subset '{labeled}' is empty; ask for at least one labeled case")
+    taken = set(labeled_ids) | set(validation_ids)
+    unlabeled_ids = sorted(c.case_id for c in dataset.cases if c.case_id not in taken)
+    return Split(labeled_ids, unlabeled_ids, validation_ids, seed)

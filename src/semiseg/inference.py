@@ -1,0 +1,97 @@
+"""Sliding-window prediction with class probabilities and per-voxel uncertainty.
+
+Uncertainty maps, both in [0, 1]:
+- entropy: predictive entropy of the mean class probabilities, divided by log(number of classes);
+- disagreement (methods with two predicting networks, e.g. teacher/student or a CPS pair): the
+  total-variation distance between the two networks' class probabilities, 0.5 * sum |p1 - p2|.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from semiseg.io import Volume
+from semiseg.preprocessing import Plan
+
+ProgressCallback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def predict_probabilities(
+    image: np.ndarray,
+    predictors: list[Callable[[torch.Tensor], torch.Tensor]],
+    patch_size: tuple[int, int, int],
+    device: torch.device,
+    overlap: float = 0.5,
+    tta: bool = False,
+    sw_batch_size: int = 2,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Softmax of each predictor over a preprocessed (z, y, x) image: array (P, C, z, y, x)."""
+    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32, device=device)[None, None]
+    flips = [axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)] if tta else [()]
+
+    def all_predictors(patch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.softmax(p(patch).float(), dim=1) for p in predictors], dim=1)
+
+    total = torch.zeros(())
+    for index, axes in enumerate(flips):
+        flipped = torch.flip(x, axes) if axes else x
+        out = sliding_window_inference(flipped, patch_size, sw_batch_size, all_predictors, overlap=overlap, mode="gaussian")
+        total = total + (torch.flip(out, axes) if axes else out)
+        if progress is not None:
+            progress({"type": "inference", "step": index + 1, "steps": len(flips)})
+    probabilities = (total / len(flips))[0].cpu().numpy()
+    return probabilities.reshape(len(predictors), -1, *probabilities.shape[1:])
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Normalised predictive entropy of (C, ...) class probabilities."""
+    p = np.clip(probabilities, 1e-8, 1.0)
+    return (-(p * np.log(p)).sum(0) / math.log(probabilities.shape[0])).astype(np.float32)
+
+
+def disagreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    return (0.5 * np.abs(first - second).sum(0)).astype(np.float32)
+
+
+@dataclass
+class Prediction:
+    labels: Volume  # uint8 label map on the source grid
+    probabilities: np.ndarray  # (C, z, y, x) mean class probabilities on the source grid
+    entropy: Volume
+    disagreement: Volume | None
+
+    def uncertainty_score(self) -> float:
+        """One number per volume for ranking scans: mean entropy over the voxels predicted foreground
+        (over all voxels when none is), so large empty backgrounds do not dilute it."""
+        foreground = self.labels.array > 0
+        values = self.entropy.array[foreground] if foreground.any() else self.entropy.array
+        return float(values.mean())
+
+
+def predict_volume(
+    volume: Volume,
+    plan: Plan,
+    predictors: list[Callable[[torch.Tensor], torch.Tensor]],
+    device: torch.device,
+    overlap: float = 0.5,
+    tta: bool = False,
+    sw_batch_size: int = 2,
+    progress: ProgressCallback | None = None,
+) -> Prediction:
+    """Preprocess a scan with the model's plan, predict, and map everything back to its grid."""
+    image = plan.preprocess_image(volume)
+    per_network = predict_probabilities(image, predictors, plan.patch_size, device, overlap, tta, sw_batch_size, progress)
+    per_network = np.stack([plan.restore(p, volume) for p in per_network])
+    mean = per_network.mean(0)
+    labels = mean.argmax(0).astype(np.uint8)
+    second = Volume(disagreement(per_network[0], per_network[1]), volume.geometry) if len(per_network) == 2 else None
+    return Prediction(Volume(labels, volume.geometry), mean, Volume(entropy(mean), volume.geometry), second)

@@ -1,0 +1,131 @@
+"""The contract between the one trainer and every method.
+
+A method owns its networks (by name), says which optimizer updates which of them, computes its
+losses for one labeled + one unlabeled batch, updates non-trained state after each step (EMA
+teachers), and names the network(s) that predict. The trainer does everything else: data,
+optimizers and schedules, AMP, backward, validation, checkpoints, progress, distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from semiseg.errors import InputError
+from semiseg.networks import build_network
+
+
+@dataclass
+class OptimizerSpec:
+    """One optimizer over some of the method's networks; `None` fields take the run's defaults."""
+
+    networks: list[str]
+    kind: str | None = None  # "sgd" | "adamw" | "adam"
+    lr: float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    schedule: str | None = None  # "poly" | "constant"
+
+
+@dataclass
+class NetworkSpec:
+    """Which registered network, and its options: the same record rebuilds it from a checkpoint."""
+
+    name: str = "vnet"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    iteration: int  # 0-based
+    iterations: int  # the run's budget
+
+    @property
+    def progress(self) -> float:
+        return self.iteration / max(self.iterations, 1)
+
+
+Batch = dict[str, torch.Tensor]  # "image": (B, C, D, H, W) float; "label": (B, 1, D, H, W) long
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `name`, build networks in `__init__`, implement `training_step`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    uses_unlabeled: ClassVar[bool] = True
+    # Method options with their defaults; `semiseg methods` prints them, checkpoints record them.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None):
+        super().__init__()
+        unknown = set(options or {}) - set(self.defaults)
+        if unknown:
+            raise InputError(
+                f"method '{self.name}' has no option {', '.join(sorted(unknown))} "
+                f"(options: {', '.join(sorted(self.defaults)) or 'none'})"
+            )
+        self.options = {**self.defaults, **(options or {})}
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.network_spec = network
+        self.networks = nn.ModuleDict()
+        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+
+    def make_network(self, **overrides: Any) -> nn.Module:
+        options = {**self.network_spec.options, **overrides}
+        return build_network(self.network_spec.name, self.in_channels, self.num_classes, **options)
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        """Optimizer name -> the networks it updates. Default: one optimizer over every trainable network."""
+        return {"main": OptimizerSpec(networks=[n for n in self.networks if n not in self.frozen_networks()])}
+
+    def frozen_networks(self) -> set[str]:
+        """Networks no optimizer updates (EMA teachers); they are saved but get no gradient."""
+        return set()
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
+        """Loss terms for this step, by name. The trainer back-propagates their sum once and steps
+        every optimizer, so a method detaches wherever the paper keeps gradients apart."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: StepInfo) -> None:
+        """Update state that is not trained by gradient (EMA teachers)."""
+
+    def predictors(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The callables (image -> logits) whose softmax is averaged at inference; with two, their
+        disagreement is reported as uncertainty."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "options": dict(self.options), "network": {"name": self.network_spec.name, "options": dict(self.network_spec.options)}}
+
+
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """teacher = alpha * teacher + (1 - alpha) * student, for parameters and float buffers (BN stats)."""
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.lerp_(s, 1.0 - alpha)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            if t.dtype.is_floating_point:
+                t.lerp_(s, 1.0 - alpha)
+            else:
+                t.copy_(s)
+
+
+def sigmoid_rampup(progress: float, length: float) -> float:
+    """exp(-5 (1 - t)^2) with t = progress / length clipped to [0, 1] (Laine & Aila's ramp-up)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(progress / length, 0.0), 1.0)
+    return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+
+def linear_rampup(progress: float, length: float) -> float:
+    return 1.0 if length <= 0 else min(max(progress / length, 0.0), 1.0)

@@ -1,0 +1,71 @@
+"""The VNet behind the semi-supervised papers' published LA numbers (the UA-MT code's VNet).
+
+Written here because MONAI's `VNet` is the original 5x5x5/ELU design, a different and much slower
+network: this one is 3x3x3 conv-BN-ReLU stages, stride-2 convolutions down, transposed
+convolutions up, and skips joined by addition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_stage(stages: int, in_channels: int, out_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index in range(stages):
+        layers += [
+            nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, 3, padding=1),
+            nn.BatchNorm3d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+def _resize(in_channels: int, out_channels: int, up: bool) -> nn.Sequential:
+    conv = nn.ConvTranspose3d if up else nn.Conv3d
+    return nn.Sequential(conv(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
+
+
+class VNet(nn.Module):
+    """Five-level VNet; `encode` and `decode` are exposed so methods can work on features."""
+
+    downsamplings = 4
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_filters: int = 16, dropout: bool = False):
+        super().__init__()
+        widths = [base_filters * 2**level for level in range(5)]
+        encoder_stages = [1, 2, 3, 3, 3]
+        decoder_stages = [3, 3, 2, 1]
+        self.encoder_widths = widths
+        self.embedding_width = widths[0]
+        self.encoder = nn.ModuleList(
+            _conv_stage(stages, in_channels if level == 0 else widths[level], widths[level])
+            for level, stages in enumerate(encoder_stages)
+        )
+        self.down = nn.ModuleList(_resize(widths[level], widths[level + 1], up=False) for level in range(4))
+        self.up = nn.ModuleList(_resize(widths[level + 1], widths[level], up=True) for level in reversed(range(4)))
+        self.decoder = nn.ModuleList(
+            _conv_stage(stages, widths[level], widths[level]) for level, stages in zip(reversed(range(4)), decoder_stages)
+        )
+        self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
+        self.head = nn.Conv3d(widths[0], out_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features from shallow (full resolution) to deep (1/16)."""
+        features = [self.encoder[0](x)]
+        for level in range(4):
+            features.append(self.encoder[level + 1](self.down[level](features[-1])))
+        features[-1] = self.dropout(features[-1])
+        return features
+
+    def decode(self, features: list[torch.Tensor], return_embedding: bool = False):
+        """Logits from encoder features; with `return_embedding`, also the last decoder feature map."""
+        x = features[-1]
+        for up, stage, skip in zip(self.up, self.decoder, reversed(features[:-1])):
+            x = stage(up(x) + skip)
+        logits = self.head(self.dropout(x))
+        return (logits, x) if return_embedding else logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))

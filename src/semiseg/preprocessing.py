@@ -1,0 +1,244 @@
+"""The preprocessing plan: computed once from the training data, saved with the model, applied to
+every scan at training and inference, and undone on the way back to a scan's own grid."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from semiseg.datasets import Case, Dataset, Split
+from semiseg.errors import InputError
+from semiseg.io import Geometry, Volume, check_same_grid, read_volume
+
+CT_PERCENTILES = (0.5, 99.5)
+VOXELS_SAMPLED_PER_SCAN = 20_000
+
+
+@dataclass
+class Plan:
+    class_names: dict[int, str]
+    patch_size: tuple[int, int, int]  # (z, y, x) voxels on the target grid
+    target_spacing: tuple[float, float, float] | None  # (z, y, x) mm; None keeps each scan's grid
+    normalization: str  # "zscore" (per scan, MR) or "ct" (global clip + z-score)
+    intensity_clip: tuple[float, float] | None = None
+    intensity_mean: float = 0.0
+    intensity_std: float = 1.0
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.class_names) + 1
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["class_names"] = {str(k): v for k, v in self.class_names.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        data = dict(data)
+        data["class_names"] = {int(k): v for k, v in data["class_names"].items()}
+        data["patch_size"] = tuple(data["patch_size"])
+        for key in ("target_spacing", "intensity_clip"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def key(self) -> str:
+        """Identifies what preprocessing produced a cached array (the patch size does not matter)."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in ("patch_size", "class_names")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    # Images ---------------------------------------------------------------------------------
+    def normalize(self, array: np.ndarray) -> np.ndarray:
+        array = array.astype(np.float32, copy=False)
+        if self.normalization == "ct":
+            lo, hi = self.intensity_clip  # type: ignore[misc]
+            return (np.clip(array, lo, hi) - self.intensity_mean) / max(self.intensity_std, 1e-8)
+        return (array - array.mean()) / max(float(array.std()), 1e-8)
+
+    def target_grid(self, geometry: Geometry, shape: tuple[int, int, int]) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
+        """(spacing xyz, size xyz) of the resampled grid, or None when the scan is already on it."""
+        if self.target_spacing is None:
+            return None
+        target_xyz = tuple(reversed(self.target_spacing))
+        if np.allclose(geometry.spacing, target_xyz, rtol=0.01):
+            return None
+        size_xyz = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(reversed(shape), geometry.spacing, target_xyz))
+        return target_xyz, size_xyz
+
+    def preprocess_image(self, volume: Volume) -> np.ndarray:
+        """Float32 (z, y, x) on the target grid, normalised."""
+        return self.normalize(_resample(volume, self.target_grid(volume.geometry, volume.shape), sitk.sitkLinear))
+
+    def preprocess_label(self, label: Volume, image: Volume) -> np.ndarray:
+        return _resample(label, self.target_grid(image.geometry, image.shape), sitk.sitkNearestNeighbor).astype(np.uint8)
+
+    def restore(self, probabilities: np.ndarray, source: Volume) -> np.ndarray:
+        """Class probabilities (C, z, y, x) on the target grid -> on the source scan's grid."""
+        grid = self.target_grid(source.geometry, source.shape)
+        if grid is None:
+            return probabilities
+        spacing_xyz, _ = grid
+        reference = sitk.Image([int(n) for n in reversed(source.shape)], sitk.sitkFloat32)
+        source.geometry.apply_to(reference)
+        restored = []
+        for channel in probabilities:
+            image = sitk.GetImageFromArray(channel.astype(np.float32))
+            Geometry(spacing_xyz, source.geometry.origin, source.geometry.direction).apply_to(image)
+            restored.append(sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)))
+        return np.stack(restored)
+
+
+def _resample(volume: Volume, grid, interpolator) -> np.ndarray:
+    if grid is None:
+        return volume.array
+    spacing_xyz, size_xyz = grid
+    image = sitk.GetImageFromArray(volume.array)
+    volume.geometry.apply_to(image)
+    resampled = sitk.Resample(
+        image, [int(s) for s in size_xyz], sitk.Transform(), interpolator, volume.geometry.origin, spacing_xyz, volume.geometry.direction, 0
+    )
+    return sitk.GetArrayFromImage(resampled)
+
+
+# Reading cases ----------------------------------------------------------------------------------
+
+def read_case(case: Case) -> tuple[Volume, Volume | None]:
+    """The case's image and label volumes, the label checked against the image's grid."""
+    image = read_volume(case.image, "image")
+    if case.label is None:
+        return image, None
+    label = read_volume(case.label, "label")
+    if not np.issubdtype(label.array.dtype, np.integer):
+        rounded = np.rint(label.array)
+        if not np.array_equal(rounded, label.array):
+            raise InputError(f"{case.label}: label values are not integers")
+        label = Volume(rounded.astype(np.int32), label.geometry)
+    check_same_grid(image, label, case.label)
+    return image, label
+
+
+def check_label_values(label: np.ndarray, class_names: dict[int, str], where: str) -> None:
+    values = np.unique(label)
+    unknown = sorted(set(values.tolist()) - set(class_names))
+    if unknown:
+        raise InputError(
+            f"{where}: label values {unknown[:5]} are outside the declared classes {sorted(class_names)}"
+        )
+
+
+# Computing the plan -----------------------------------------------------------------------------
+
+def compute_plan(
+    dataset: Dataset,
+    split: Split,
+    size_multiple: int,
+    patch_size: tuple[int, int, int] | None = None,
+    max_patch: tuple[int, int, int] = (96, 160, 160),
+) -> Plan:
+    """Target spacing (median), intensity normalisation, patch size and classes from the training cases."""
+    by_id = {c.case_id: c for c in dataset.cases}
+    train_ids = split.labeled + split.unlabeled
+    headers = [_header(by_id[i]) for i in train_ids]
+    spacings = np.array([g.spacing_zyx for g, _ in headers])
+    target = tuple(float(v) for v in np.median(spacings, axis=0))
+    uniform = np.allclose(spacings, spacings[0], rtol=0.01)
+    shapes = np.array([np.array(shape) * np.array(g.spacing_zyx) / np.array(target) for g, shape in headers])
+
+    class_names = dict(dataset.class_names) or _class_names_from_labels([by_id[i] for i in split.labeled])
+    if 0 not in class_names:
+        class_names[0] = "background"
+    if patch_size is None:
+        median = np.median(shapes[: len(split.labeled)], axis=0)
+        patch_size = tuple(int(max(size_multiple, min(cap, (m // size_multiple) * size_multiple))) for m, cap in zip(median, max_patch))
+    elif any(p % size_multiple for p in patch_size):
+        raise InputError(f"patch size {patch_size} must be a multiple of {size_multiple} on every side for this network")
+
+    plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore")
+    if dataset.modality == "CT":
+        # As 3D-CPS does: intensity statistics from all voxels of all training scans, unlabeled included.
+        samples = np.concatenate([_sample_voxels(read_volume(by_id[i].image).array, i) for i in train_ids])
+        lo, hi = np.percentile(samples, CT_PERCENTILES)
+        clipped = np.clip(samples, lo, hi)
+        plan.normalization = "ct"
+        plan.intensity_clip = (float(lo), float(hi))
+        plan.intensity_mean, plan.intensity_std = float(clipped.mean()), float(clipped.std())
+    return plan
+
+
+def _header(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
+    path = Path(case.image)
+    if path.is_file() and not path.name.endswith(".h5"):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return _header_by_reading(case)
+        if reader.GetDimension() == 3:
+            image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+            image.SetSpacing(reader.GetSpacing())
+            image.SetOrigin(reader.GetOrigin())
+            image.SetDirection(reader.GetDirection())
+            return Geometry.of_image(image), tuple(reversed(reader.GetSize()))
+    return _header_by_reading(case)
+
+
+def _header_by_reading(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
+    volume = read_volume(case.image)
+    return volume.geometry, volume.shape
+
+
+def _sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
+    flat = array.reshape(-1).astype(np.float32)
+    if flat.size <= VOXELS_SAMPLED_PER_SCAN:
+        return flat
+    rng = np.random.default_rng(int(hashlib.sha256(seed_text.encode()).hexdigest()[:8], 16))
+    return flat[rng.choice(flat.size, VOXELS_SAMPLED_PER_SCAN, replace=False)]
+
+
+def _class_names_from_labels(cases: list[Case]) -> dict[int, str]:
+    values: set[int] = set()
+    for case in cases:
+        _, label = read_case(case)
+        values |= set(np.unique(label.array).tolist())  # type: ignore[union-attr]
+    return {v: ("background" if v == 0 else f"class {v}") for v in sorted(values)}
+
+
+# The on-disk cache of preprocessed arrays -------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SEMISEG_CACHE", Path.home() / ".cache" / "semiseg"))
+
+
+def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Preprocessed (image, label) of a case, memory-mapped from the cache, computed once."""
+    source = Path(case.image)
+    stat = source.stat()
+    token = hashlib.sha256(f"{source.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{case.label}".encode()).hexdigest()[:12]
+    folder = cache_root() / "preprocessed" / plan.key()
+    image_path = folder / f"{case.case_id}-{token}.image.npy"
+    label_path = folder / f"{case.case_id}-{token}.label.npy"
+    if not image_path.exists() or (with_label and not label_path.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        image, label = read_case(case)
+        _save_atomic(image_path, plan.preprocess_image(image))
+        if label is not None:
+            check_label_values(label.array, plan.class_names, case.label or case.image)
+            _save_atomic(label_path, plan.preprocess_label(label, image))
+    image_array = np.load(image_path, mmap_mode="r")
+    label_array = np.load(label_path, mmap_mode="r") if with_label else None
+    return image_array, label_array
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array))
+    os.replace(temporary, path)

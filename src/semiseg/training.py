@@ -1,0 +1,381 @@
+"""The one training loop every method runs on.
+
+Each iteration draws a labeled batch and (for semi-supervised methods) an unlabeled batch, asks the
+method for its loss terms, back-propagates their sum once, steps every optimizer, and lets the
+method update its non-trained state. Progress is reported as events (dicts) to a callback and to a
+JSONL log beside the checkpoints; a `should_stop` callback cancels cleanly with a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from semiseg.checkpoint import load_training_state, load_weights, read_meta, save_checkpoint
+from semiseg.datasets import Case, Split, choose_split, load_dataset
+from semiseg.devices import describe, resolve_device
+from semiseg.errors import InputError, OutputExistsError
+from semiseg.inference import predict_probabilities
+from semiseg.io import strip_suffix
+from semiseg.methods import build_method, method_class
+from semiseg.methods.base import Method, NetworkSpec, StepInfo
+from semiseg.models import load_method_weights, load_model, method_weights
+from semiseg.networks import build_network, size_multiple
+from semiseg.preprocessing import Plan, cached_case, compute_plan
+from semiseg.sampling import IterationBatches, PatchDataset, Volumes
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    method: str = "mean-teacher"
+    network: str = "vnet"
+    network_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    labeled: str = "10%"
+    validation: str = "0"
+    unlabeled: list[str] = field(default_factory=list)
+    iterations: int = 1000
+    batch_size: int = 2  # labeled patches per step; as many unlabeled
+    patch_size: tuple[int, int, int] | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    validate_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    initial_checkpoint: str | None = None  # start from these weights and this plan (fine-tuning)
+    extra_labeled: list[tuple[str, str]] = field(default_factory=list)  # (image, label) pairs added as labeled
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None):
+        self.config = config
+        self.on_event = on_event
+        self.should_stop = should_stop or (lambda: False)
+        self.output = Path(config.output)
+        self.log_path = self.output / "log.jsonl"
+
+    # Events -----------------------------------------------------------------------------------
+    def emit(self, event: dict[str, Any]) -> None:
+        event = {"time": time.time(), **event}
+        with open(self.log_path, "a") as log:
+            log.write(json.dumps(event) + "\n")
+        if self.on_event is not None:
+            self.on_event(event)
+
+    # Setup ------------------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        config = self.config
+        has_checkpoint = (self.output / "last").exists() or (self.output / "best").exists()
+        if config.resume:
+            if not (self.output / "last").exists():
+                raise InputError(f"{self.output}: nothing to resume (no last/ checkpoint there)")
+        elif has_checkpoint:
+            if not config.overwrite:
+                raise OutputExistsError(f"{self.output} already holds a training run; use --resume to continue it or --overwrite to replace it")
+            for name in ("last", "best", "log.jsonl"):
+                target = self.output / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        self.output.mkdir(parents=True, exist_ok=True)
+
+    def _setup(self) -> None:
+        config = self.config
+        if config.iterations < 1 or config.batch_size < 1:
+            raise InputError("iterations and batch size must be at least 1")
+        self.device = resolve_device(config.device)
+        self.emit({"type": "start", "device": describe(self.device), "config": _jsonable(asdict(config))})
+        self.dataset = load_dataset(config.data, config.unlabeled)
+        for image, label in config.extra_labeled:
+            self.dataset.cases.append(Case(strip_suffix(image), image, label))
+        start_from = self.output / "last" if config.resume else config.initial_checkpoint
+        start_meta = read_meta(start_from) if start_from else None
+        if start_meta is not None and config.resume:
+            self.split = Split(**start_meta["split"])
+        else:
+            self.split = choose_split(self.dataset, config.labeled, config.validation, config.seed)
+            self.split.labeled += [c.case_id for c in self.dataset.cases if c.image in {i for i, _ in config.extra_labeled}]
+        method_cls = method_class(config.method)
+        if start_meta is not None:
+            self.plan = Plan.from_dict(start_meta["plan"])
+        else:
+            probe = build_network(config.network, 1, 2, **config.network_options)
+            self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size)
+        self.emit({"type": "dataset", "description": self.dataset.describe(), "labeled": len(self.split.labeled),
+                   "unlabeled": len(self.split.unlabeled) if method_cls.uses_unlabeled else 0,
+                   "validation": len(self.split.validation), "patch_size": list(self.plan.patch_size)})
+
+        seed_everything(config.seed)
+        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, dict(config.network_options)), dict(config.method_options))
+        if config.initial_checkpoint and not config.resume:
+            self._initialise_from(config.initial_checkpoint)
+        self.method.to(self.device)
+        self.optimizers, self.schedulers = self._make_optimizers()
+        self.amp_dtype = _amp_dtype(self.device) if config.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.iteration = 0
+        self.best = -1.0
+        self.history: list[dict] = []
+        if config.resume:
+            self._restore(self.output / "last")
+
+    def _initialise_from(self, path: str) -> None:
+        model = load_model(path, "cpu")
+        weights = method_weights(model.method)
+        if model.meta["model"]["method"] == self.config.method:
+            load_method_weights(self.method, weights, path)
+            return
+        # Another method's checkpoint: every network of ours starts from its first predicting network.
+        source = next(iter(model.method.predictors()))
+        for net in self.method.networks.values():
+            net.load_state_dict(model.method.networks[source].state_dict())
+
+    def _make_optimizers(self):
+        config = self.config
+        optimizers, schedulers = {}, {}
+        for name, spec in self.method.optimizers().items():
+            params = [p for net in spec.networks for p in self.method.networks[net].parameters()]
+            kind = spec.kind or config.optimizer
+            lr = spec.lr if spec.lr is not None else config.lr
+            decay = spec.weight_decay if spec.weight_decay is not None else config.weight_decay
+            if kind == "sgd":
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=decay, nesterov=True)
+            elif kind in ("adamw", "adam"):
+                cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+                optimizer = cls(params, lr=lr, weight_decay=decay, betas=spec.betas or (0.9, 0.999))
+            else:
+                raise InputError(f"unknown optimizer '{kind}' (use sgd or adamw)")
+            total = config.iterations
+            poly = (spec.schedule or "poly") == "poly"
+            schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, (lambda it: max(0.0, 1.0 - it / total) ** 0.9) if poly else (lambda it: 1.0)
+            )
+            optimizers[name] = optimizer
+        return optimizers, schedulers
+
+    def _volumes(self, ids: list[str], with_labels: bool) -> Volumes:
+        by_id = {c.case_id: c for c in self.dataset.cases}
+        images, labels = [], []
+        for index, case_id in enumerate(ids):
+            image, label = cached_case(by_id[case_id], self.plan, with_labels)
+            images.append(image)
+            labels.append(label)
+            self.emit({"type": "prepare", "done": index + 1, "total": len(ids), "case": case_id})
+        return Volumes(images, labels if with_labels else None)
+
+    def _loaders(self):
+        config = self.config
+        pin = self.device.type == "cuda"
+
+        def loader(volumes: Volumes, seed: int):
+            dataset = PatchDataset(volumes, self.plan.patch_size, seed)
+            batches = IterationBatches(self.iteration, config.iterations, config.batch_size)
+            return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=pin,
+                              persistent_workers=False, prefetch_factor=4 if config.workers else None)
+
+        labeled = loader(self._volumes(self.split.labeled, True), config.seed)
+        unlabeled = None
+        if self.method.uses_unlabeled:
+            if not self.split.unlabeled:
+                raise InputError(f"method '{config.method}' needs unlabeled scans, and the split left none (lower --labeled or add --unlabeled)")
+            unlabeled = loader(self._volumes(self.split.unlabeled, False), config.seed + 1)
+        return labeled, unlabeled
+
+    # Loop -------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train to the iteration budget (or until cancelled); return the best (else last) checkpoint."""
+        self._prepare_output()
+        self._setup()
+        validation = self._volumes(self.split.validation, True) if self.split.validation else None
+        labeled_loader, unlabeled_loader = self._loaders()
+        unlabeled_batches = iter(unlabeled_loader) if unlabeled_loader is not None else None
+        config = self.config
+        self.method.train()
+        running: dict[str, torch.Tensor] = {}
+        started, started_at = self.iteration, time.perf_counter()
+        cancelled = False
+        for labeled in labeled_loader:
+            if self.should_stop():
+                cancelled = True
+                break
+            unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
+            losses = self._step(self._to_device(labeled), self._to_device(unlabeled) if unlabeled else None)
+            for key, value in losses.items():
+                running[key] = running.get(key, 0.0) + value.detach()
+            self.iteration += 1
+            if self.iteration % config.log_every == 0 or self.iteration == config.iterations:
+                self._emit_iteration(running, started, started_at)
+                running = {}
+            if validation is not None and (self.iteration % config.validate_every == 0 or self.iteration == config.iterations):
+                self._validate(validation)
+            elif self.iteration % config.validate_every == 0:
+                self._save("last", with_training_state=True)
+        self._save("last", with_training_state=True)
+        best = self.output / "best"
+        if not best.exists():
+            self._save("best", with_training_state=False)
+        self.emit({"type": "cancelled" if cancelled else "end", "iteration": self.iteration, "best_dice": self.best, "checkpoint": str(best)})
+        return best
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _step(self, labeled, unlabeled) -> dict[str, torch.Tensor]:
+        step = StepInfo(self.iteration, self.config.iterations)
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            losses = self.method.training_step(labeled, unlabeled, step)
+        total = sum(losses.values())
+        self.scaler.scale(total).backward()
+        for optimizer in self.optimizers.values():
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.method.after_step(step)
+        return losses
+
+    def _emit_iteration(self, running: dict[str, torch.Tensor], started: int, started_at: float) -> None:
+        count = self.config.log_every if self.iteration % self.config.log_every == 0 else self.iteration % self.config.log_every
+        losses = {k: float(v) / count for k, v in running.items()}
+        elapsed = time.perf_counter() - started_at
+        per_iteration = elapsed / max(self.iteration - started, 1)
+        self.emit({
+            "type": "iteration", "iteration": self.iteration, "iterations": self.config.iterations,
+            "loss": sum(losses.values()), "losses": losses,
+            "lr": {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()},
+            "sec_per_iter": per_iteration, "eta_s": per_iteration * (self.config.iterations - self.iteration),
+        })
+
+    @torch.no_grad()
+    def _validate(self, validation: Volumes) -> None:
+        self.method.eval()
+        predictors = list(self.method.predictors().values())
+        per_case = []
+        for image, label in zip(validation.images, validation.labels):
+            probabilities = predict_probabilities(np.asarray(image), predictors, self.plan.patch_size, self.device)
+            prediction = probabilities.mean(0).argmax(0)
+            per_case.append([_dice(prediction == c, np.asarray(label) == c) for c in sorted(self.plan.class_names) if c != 0])
+        self.method.train()
+        per_class = np.nanmean(np.array(per_case, dtype=float), axis=0)
+        dice = float(np.nanmean(per_class))
+        names = [self.plan.class_names[c] for c in sorted(self.plan.class_names) if c != 0]
+        self.history.append({"iteration": self.iteration, "dice_mean": dice})
+        improved = dice > self.best
+        if improved:
+            self.best = dice
+        self.emit({"type": "validation", "iteration": self.iteration, "dice_mean": dice,
+                   "dice_per_class": dict(zip(names, per_class.tolist())), "best": improved})
+        self._save("last", with_training_state=True)
+        if improved:
+            self._save("best", with_training_state=False)
+
+    # Checkpoints ------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "model": {**self.method.config(), "in_channels": 1, "num_classes": self.plan.num_classes},
+            "class_names": {str(k): v for k, v in self.plan.class_names.items()},
+            "plan": self.plan.to_dict(),
+            "split": self.split.to_dict(),
+            "data": str(self.config.data),
+            "seed": self.config.seed,
+            "iteration": self.iteration,
+            "iterations": self.config.iterations,
+            "train_config": _jsonable(asdict(self.config)),
+            "validation": {"best_dice_mean": self.best if self.best >= 0 else None, "history": self.history},
+        }
+
+    def _save(self, name: str, with_training_state: bool) -> None:
+        state = None
+        if with_training_state:
+            state = {
+                "iteration": self.iteration,
+                "best": self.best,
+                "history": self.history,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+            }
+        path = save_checkpoint(self.output / name, method_weights(self.method), self._meta(), state)
+        self.emit({"type": "checkpoint", "name": name, "path": str(path), "iteration": self.iteration})
+
+    def _restore(self, folder: Path) -> None:
+        meta = read_meta(folder)
+        load_method_weights(self.method, load_weights(folder, meta), str(folder))
+        state = load_training_state(folder)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.best, self.history = state["iteration"], state["best"], state["history"]
+        set_rng_state(state["rng"])
+        self.emit({"type": "resume", "iteration": self.iteration})
+
+
+def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    total = prediction.sum() + reference.sum()
+    return float("nan") if total == 0 else float(2.0 * np.logical_and(prediction, reference).sum() / total)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state(tuple(numpy))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(config: TrainConfig, on_event: EventCallback | None = None, should_stop: Callable[[], bool] | None = None) -> Path:
+    return Trainer(config, on_event, should_stop).run()
