@@ -74,7 +74,7 @@ def load_dataset(root: str | os.PathLike, extra_unlabeled: list[str | os.PathLik
     else:
         dataset = _paired(root, root, None, "flat folder")
     for folder in extra_unlabeled:
-        dataset.cases += [Case(strip_suffix(p), str(p)) for p in _images_in(Path(folder))]
+        dataset.cases += _unlabeled_in(Path(folder))
     _check_unique(dataset)
     if not dataset.cases:
         raise InputError(f"{root}: no images found (expected imagesTr/, images/, LA case folders, or volume files)")
@@ -95,26 +95,63 @@ def _images_in(folder: Path) -> list[Path]:
     return found
 
 
-def _case_id(path: Path) -> tuple[str, int]:
-    """Case id and channel index from an nnU-Net style name ("case_0000.nii.gz" -> ("case", 0))."""
+def _unlabeled_in(folder: Path) -> list[Case]:
+    """The scans of an extra unlabeled folder: volume files / DICOM series, or an LA h5 tree."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (give a folder of unlabeled scans)")
+    cases = [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(folder), folder).items())]
+    if not cases:
+        cases = [Case(p.parent.name, str(p)) for p in _la_case_dirs(folder)]
+    if not cases:
+        raise InputError(f"{folder}: no scans found in this unlabeled folder")
+    return cases
+
+
+def _case_id(path: Path, stems: set[str] = frozenset(), labels: set[str] = frozenset()) -> tuple[str, int]:
+    """Case id and channel index from an nnU-Net style name ("case_0000.nii.gz" -> ("case", 0)).
+
+    A four-digit suffix is read as a channel only when the folder holds that case's channel 0
+    (`stems`, the other names in the folder) and no label carries the full name: "case_0001"
+    alone, or beside a label "case_0001", is a case id of its own.
+    """
     stem = strip_suffix(path)
     match = _CHANNEL.search(stem)
-    return (stem[: match.start()], int(match.group(1))) if match else (stem, 0)
+    if match is None:
+        return stem, 0
+    base = stem[: match.start()]
+    if stem in labels or (f"{base}_0000" not in stems and stem != f"{base}_0000"):
+        return stem, 0
+    return base, int(match.group(1))
 
 
-def _by_id(paths: list[Path], folder: Path) -> dict[str, Path]:
+def _by_id(paths: list[Path], folder: Path, labels: set[str] = frozenset()) -> dict[str, Path]:
+    stems = {strip_suffix(p) for p in paths}
     result: dict[str, Path] = {}
     for path in paths:
-        case_id, channel = _case_id(path)
+        case_id, channel = _case_id(path, stems, labels)
         if channel != 0:
             raise InputError(f"{path}: channel {channel} found; semiseg trains on single-channel scans only")
+        if case_id in result:
+            raise InputError(f"{folder}: two scans for case '{case_id}' ({result[case_id].name}, {path.name}); keep one")
         result[case_id] = path
     return result
 
 
+def _label_files(labels: Path | None) -> dict[str, Path]:
+    if labels is None or not labels.is_dir():
+        return {}
+    result: dict[str, Path] = {}
+    for path in _images_in(labels):
+        name = strip_suffix(path)
+        if name in result:
+            raise InputError(f"{labels}: two labels for case '{name}' ({result[name].name}, {path.name}); keep one")
+        result[name] = path
+    return result
+
+
 def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Dataset:
-    image_files = _by_id(_images_in(images), images)
-    label_files = {strip_suffix(p): p for p in _images_in(labels)} if labels is not None and labels.is_dir() else {}
+    label_files = _label_files(labels)
+    image_files = _by_id(_images_in(images), images, set(label_files))
     orphans = sorted(set(label_files) - set(image_files))
     if orphans:
         raise InputError(f"{labels}: labels without an image: {', '.join(orphans[:5])}")
@@ -137,7 +174,8 @@ def _la(root: Path) -> Dataset:
     files = {p.parent.name: p for p in _la_case_dirs(root)}
     listed: list[str] = []
     for list_file in sorted(root.rglob("*.list")):
-        listed += [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        text = list_file.read_text(errors="replace")
+        listed += [line.strip() for line in text.splitlines() if line.strip()]
     missing = sorted(set(listed) - set(files))
     cases = [Case(cid, str(path), str(path)) for cid, path in sorted(files.items())]
     return Dataset(str(root), "LA h5", cases, {0: "background", 1: "left atrium"}, "MR", missing)
@@ -148,16 +186,19 @@ def _dataset_json(root: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object (with \"labels\" and \"modality\")")
+    return data
 
 
 def _class_names(root: Path, cases: list[Case]) -> dict[int, str]:
     labels = _dataset_json(root).get("labels")
     if isinstance(labels, dict) and labels:
         # nnU-Net v1 writes {"0": "background"}; v2 writes {"background": 0}.
-        if all(str(k).isdigit() for k in labels):
+        if all(str(k).strip().isdigit() for k in labels):
             return {int(k): str(v) for k, v in labels.items()}
         return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
     return {}  # filled from the label values when the cases are preprocessed
@@ -190,22 +231,39 @@ class Split:
         return asdict(self)
 
 
+_NUMBER = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*%?\s*$")
+
+
 def _count(spec: str | int | float, total: int, what: str) -> int:
     text = str(spec).strip()
-    try:
-        count = round(total * float(text[:-1]) / 100) if text.endswith("%") else int(text)
-    except ValueError:
-        raise InputError(f"{what} '{spec}': give a count (8), a percentage (10%) or a list file") from None
+    if not _NUMBER.match(text) or (not text.endswith("%") and "." in text):
+        raise InputError(f"{what} '{spec}': give a count (8), a percentage (10%) or an existing list file of case ids")
+    if text.endswith("%"):
+        percent = float(text[:-1])
+        if percent > 100:
+            raise InputError(f"{what} '{spec}': a percentage must be within 0..100%")
+        count = round(total * percent / 100)
+    else:
+        count = int(text)
     if not 0 <= count <= total:
-        raise InputError(f"{what} '{spec}' is outside 0..{total} available cases")
+        raise InputError(f"{what} '{spec}' asks for more than the {total} labeled cases available")
     return count
 
 
 def _listed(spec: str, dataset: Dataset, what: str) -> list[str] | None:
+    """The case ids of a list file, or None when spec is a count or a percentage."""
+    if _NUMBER.match(str(spec)):
+        return None
     path = Path(str(spec))
     if not path.is_file():
         return None
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file of case ids, one a line") from None
+    ids = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if not ids:
+        raise InputError(f"{path}: the {what} list file names no case")
     known = {c.case_id for c in dataset.labeled}
     absent = [i for i in ids if i not in known]
     if absent:
@@ -233,6 +291,8 @@ def choose_split(dataset: Dataset, labeled: str | int = "100%", validation: str 
     if overlap:
         raise InputError(f"cases both labeled and validation: {', '.join(sorted(overlap)[:5])}")
     if not labeled_ids:
+        if not remaining:
+            raise InputError(f"validation '{validation}' takes all {len(candidates)} labeled cases; none is left to train on")
         raise InputError(f"the labeled subset '{labeled}' is empty; ask for at least one labeled case")
     taken = set(labeled_ids) | set(validation_ids)
     unlabeled_ids = sorted(c.case_id for c in dataset.cases if c.case_id not in taken)

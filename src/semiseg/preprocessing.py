@@ -157,6 +157,8 @@ def compute_plan(
     if patch_size is None:
         median = np.median(shapes[: len(split.labeled)], axis=0)
         patch_size = tuple(int(max(size_multiple, min(cap, (m // size_multiple) * size_multiple))) for m, cap in zip(median, max_patch))
+    elif len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
+        raise InputError(f"patch size {tuple(patch_size)}: give three positive sizes (z y x)")
     elif any(p % size_multiple for p in patch_size):
         raise InputError(f"patch size {patch_size} must be a multiple of {size_multiple} on every side for this network")
 
@@ -219,9 +221,11 @@ def cache_root() -> Path:
 
 def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Preprocessed (image, label) of a case, memory-mapped from the cache, computed once."""
-    source = Path(case.image)
-    stat = source.stat()
-    token = hashlib.sha256(f"{source.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{case.label}".encode()).hexdigest()[:12]
+    # The token changes with the image file, the label file, and the classes the label is checked
+    # against: an edited label or a changed class list must not reuse a stale cached label.
+    token = hashlib.sha256(
+        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}".encode()
+    ).hexdigest()[:12]
     folder = cache_root() / "preprocessed" / plan.key()
     image_path = folder / f"{case.case_id}-{token}.image.npy"
     label_path = folder / f"{case.case_id}-{token}.label.npy"
@@ -235,6 +239,20 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
     image_array = np.load(image_path, mmap_mode="r")
     label_array = np.load(label_path, mmap_mode="r") if with_label else None
     return image_array, label_array
+
+
+def _file_token(path: str | None) -> str:
+    if path is None:
+        return "none"
+    source = Path(path)
+    try:
+        stat = source.stat()
+    except OSError as error:
+        raise InputError(f"{source}: cannot read it ({error.strerror})") from None
+    if source.is_dir():  # a DICOM series: its newest file and the number of files
+        entries = [p.stat() for p in source.iterdir() if p.is_file()]
+        return f"{source.resolve()}|{len(entries)}|{max((e.st_mtime_ns for e in entries), default=0)}|{sum(e.st_size for e in entries)}"
+    return f"{source.resolve()}|{stat.st_mtime_ns}|{stat.st_size}"
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:

@@ -53,7 +53,7 @@ class TrainConfig:
     batch_size: int = 2  # labeled patches per step; as many unlabeled
     patch_size: tuple[int, int, int] | None = None
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.05  # the papers use 0.01 over 6000 iterations; 0.05 converges in CPU-sized budgets (300 it: Dice 0.81 vs 0.00 on hippocampus)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     validate_every: int = 200
@@ -194,8 +194,10 @@ class Trainer:
         def loader(volumes: Volumes, seed: int):
             dataset = PatchDataset(volumes, self.plan.patch_size, seed)
             batches = IterationBatches(self.iteration, config.iterations, config.batch_size)
+            # Own generator: creating a loader iterator must not draw from the global RNG that the
+            # methods use, or a resumed run would diverge from an uninterrupted one.
             return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=pin,
-                              persistent_workers=False, prefetch_factor=4 if config.workers else None)
+                              prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(seed))
 
         labeled = loader(self._volumes(self.split.labeled, True), config.seed)
         unlabeled = None

@@ -1,0 +1,188 @@
+"""CPU benchmark on the MSD hippocampus data: methods compared at a fixed seeded split and budget.
+
+Split: 200 labeled cases -> 40 validation + 160 train (seeded); of the train part a fraction is
+labeled and the rest is used unlabeled (its labels ignored). Every run trains for the same number of
+iterations, then its last checkpoint is evaluated on the 40 validation cases on their own grids
+(Dice, Jaccard, HD95, ASD in mm, medpy semantics). Each run is a child process so that its peak
+memory is its own. Results are appended to benchmarks/results/hippocampus_cpu.json (a list of runs;
+a run with the same method, labeled fraction, seed and variant replaces the old one) and rendered
+to hippocampus_cpu.md and hippocampus_cpu_curves.png.
+
+  python benchmarks/hippocampus_cpu.py --runs supervised:0.1 mean-teacher:0.1 cps:0.1 supervised:1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+
+
+def run_one(spec: dict, queue) -> None:
+    import torch
+
+    from semiseg.datasets import load_dataset
+    from semiseg.inference import predict_volume
+    from semiseg.metrics import case_metrics
+    from semiseg.models import load_model
+    from semiseg.preprocessing import read_case
+    from semiseg.training import TrainConfig, train
+
+    torch.set_num_threads(spec["threads"])
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "run"
+        labeled = "100%" if spec["labeled"] >= 1 else f"{spec['labeled'] * 100:g}%"
+        config = TrainConfig(
+            data=str(DATA), output=str(out), method=spec["method"], network=spec["network"],
+            network_options=spec["network_options"], method_options=spec["options"], labeled=labeled,
+            validation="40", iterations=spec["iterations"], validate_every=spec["validate_every"],
+            seed=spec["seed"], device="cpu", workers=spec["workers"], lr=spec["lr"], optimizer=spec["optimizer"],
+        )
+        events: list[dict] = []
+        started = time.perf_counter()
+        train(config, events.append)
+        train_seconds = time.perf_counter() - started
+        model = load_model(out / "last")
+        dataset = {c.case_id: c for c in load_dataset(DATA).cases}
+        classes = [c for c in sorted(model.plan.class_names) if c != 0]
+        rows, infer_seconds = [], 0.0
+        for case_id in model.meta["split"]["validation"]:
+            image, label = read_case(dataset[case_id])
+            tick = time.perf_counter()
+            prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"))
+            infer_seconds += time.perf_counter() - tick
+            metrics = case_metrics(prediction.labels.array, label.array, classes, label.geometry.spacing_zyx)
+            rows.append(metrics)
+    curve = [(e["iteration"], e["dice_mean"]) for e in events if e["type"] == "validation"]
+    iterations = [e for e in events if e["type"] == "iteration"]
+    result = {
+        "method": spec["method"], "variant": spec["variant"], "labeled": spec["labeled"], "seed": spec["seed"],
+        "iterations": spec["iterations"], "network": spec["network"], "network_options": spec["network_options"],
+        "options": spec["options"], "optimizer": spec["optimizer"], "lr": spec["lr"],
+        "labeled_cases": len(model.meta["split"]["labeled"]), "unlabeled_cases": len(model.meta["split"]["unlabeled"]),
+        "validation_cases": len(rows),
+        "parameters": int(sum(p.numel() for p in model.method.networks.parameters())),
+        "sec_per_iter": iterations[-1]["sec_per_iter"], "train_seconds": train_seconds,
+        "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "infer_sec_per_volume": infer_seconds / len(rows), "curve": curve,
+    }
+    names = model.plan.class_names
+    for metric in ("dice", "jaccard", "hd95", "asd"):
+        values = np.array([[r[c][metric] for c in classes] for r in rows], dtype=float)
+        result[f"{metric}_mean"] = float(np.nanmean(values))
+        result[f"{metric}_sd"] = float(np.nanstd(np.nanmean(values, axis=1)))
+        result[f"{metric}_per_class"] = {names[c]: [float(np.nanmean(values[:, i])), float(np.nanstd(values[:, i]))] for i, c in enumerate(classes)}
+    queue.put(result)
+
+
+def render(runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Hippocampus (MSD Task04) on CPU",
+        "",
+        "Fixed seeded split: 40 validation cases, 160 training cases of which the stated fraction is labeled and the",
+        "rest unlabeled. Metrics on the 40 validation cases, on their own grids, last checkpoint, no post-processing:",
+        "mean ± sd over cases (sd of the per-case class mean); HD95/ASD in mm. Reproduce with",
+        "`python benchmarks/hippocampus_cpu.py` (see its docstring).",
+        "",
+        "| method | labeled | seed | iterations | Dice | Dice anterior | Dice posterior | Jaccard | HD95 (mm) | ASD (mm) | s/iter | peak MB | infer s/vol |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["labeled"], r["method"], r["variant"], r["seed"])):
+        per_class = list(r["dice_per_class"].values())
+        name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(
+            f"| {name} | {r['labeled'] * 100:g}% | {r['seed']} | {r['iterations']} | {r['dice_mean']:.4f} ± {r['dice_sd']:.4f} | "
+            f"{per_class[0][0]:.4f} | {per_class[1][0]:.4f} | {r['jaccard_mean']:.4f} ± {r['jaccard_sd']:.4f} | "
+            f"{r['hd95_mean']:.2f} ± {r['hd95_sd']:.2f} | {r['asd_mean']:.2f} ± {r['asd_sd']:.2f} | "
+            f"{r['sec_per_iter']:.3f} | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
+        )
+    machine = runs[-1].get("machine", "")
+    lines += ["", f"Machine: {machine}", "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", ""]
+    (RESULTS / "hippocampus_cpu.md").write_text("\n".join(lines))
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        if r["curve"]:
+            x, y = zip(*r["curve"])
+            label = f"{r['method']}{' (' + r['variant'] + ')' if r['variant'] else ''} {r['labeled'] * 100:g}% s{r['seed']}"
+            axis.plot(x, y, marker="o", markersize=3, label=label)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("validation Dice (mean over classes)")
+    axis.set_title("Hippocampus, CPU: validation Dice during training")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "hippocampus_cpu_curves.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["supervised:0.1", "mean-teacher:0.1", "cps:0.1", "supervised:1.0"],
+                        help="METHOD:LABELED_FRACTION[:VARIANT], VARIANT naming a set of --option values")
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--validate-every", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--network", default="vnet")
+    parser.add_argument("--network-option", action="append", default=["base_filters=8"], help="KEY=VALUE (int)")
+    parser.add_argument("--option", action="append", default=[], help="METHOD.KEY=JSON method option")
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_path = RESULTS / "hippocampus_cpu.json"
+    runs = json.loads(results_path.read_text()) if results_path.exists() else []
+    if not args.render_only:
+        import platform
+        import os
+
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, Python {platform.python_version()}"
+        network_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.network_option)}
+        for seed in args.seeds:
+            for run in args.runs:
+                method, fraction, *variant = run.split(":")
+                options = {}
+                for text in args.option:
+                    key, value = text.split("=", 1)
+                    owner, key = key.split(".", 1)
+                    if owner in (method, f"{method}:{variant[0]}" if variant else method):
+                        options[key] = json.loads(value)
+                spec = {"method": method, "labeled": float(fraction), "variant": variant[0] if variant else "", "seed": seed,
+                        "iterations": args.iterations, "validate_every": args.validate_every, "network": args.network,
+                        "network_options": network_options, "options": options, "optimizer": args.optimizer, "lr": args.lr,
+                        "workers": args.workers, "threads": args.threads}
+                context = multiprocessing.get_context("spawn")
+                queue = context.Queue()
+                child = context.Process(target=run_one, args=(spec, queue))
+                child.start()
+                result = queue.get()
+                child.join()
+                result["machine"] = machine
+                print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+                key = (result["method"], result["labeled"], result["seed"], result["variant"])
+                runs = [r for r in runs if (r["method"], r["labeled"], r["seed"], r["variant"]) != key] + [result]
+                results_path.write_text(json.dumps(runs, indent=1))
+                render(runs)
+    render(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
