@@ -60,7 +60,7 @@ def run_one(spec: dict, queue) -> None:
         for case_id in model.meta["split"]["validation"]:
             image, label = read_case(dataset[case_id])
             tick = time.perf_counter()
-            prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"))
+            prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"), model.overlap)
             infer_seconds += time.perf_counter() - tick
             metrics = case_metrics(prediction.labels.array, label.array, classes, label.geometry.spacing_zyx)
             rows.append(metrics)

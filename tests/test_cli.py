@@ -187,6 +187,15 @@ def test_train_refuses_an_existing_run_and_resumes_it(trained, capsys, tmp_path)
     error_line(err, "already holds a training run")
     assert (run / "log.jsonl").read_text() == log_before  # untouched
 
+    # --overwrite with a bad option: the new run fails at its start and the old one is kept whole.
+    best_weights = (run / "best" / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, *args, "--iterations", "4", "--overwrite", "--labeled", "half")
+    assert code == 2
+    error_line(err, "labeled 'half'")
+    assert (run / "log.jsonl").read_text() == log_before
+    assert (run / "best" / "model.safetensors").read_bytes() == best_weights
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "log.jsonl"]
+
     code, out, err = run_cli(capsys, *args, "--iterations", "6", "--resume")
     assert code == 0, err
     events = read_log(run)[len(log_before.splitlines()):]
@@ -196,6 +205,16 @@ def test_train_refuses_an_existing_run_and_resumes_it(trained, capsys, tmp_path)
     assert events[-1]["type"] == "end" and events[-1]["iteration"] == 6
     assert json.loads((run / "last" / "model.json").read_text())["iteration"] == 6
     assert "finished at iteration 6" in out
+
+    # A successful --overwrite replaces the run: a fresh log, no trace of the old one.
+    code, out, err = run_cli(capsys, "train", "--data", trained["data"], "--out", run, "--method", "supervised",
+                             "--iterations", "1", "--network-option", "base_filters=4", "--workers", "0",
+                             "--device", "cpu", "--overwrite")
+    assert code == 0, err
+    events = read_log(run)
+    assert [e["type"] for e in events].count("start") == 1 and events[-1]["iteration"] == 1
+    assert json.loads((run / "best" / "model.json").read_text())["model"]["method"] == "supervised"
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "log.jsonl"]
 
 
 def test_help_as_a_real_command():
@@ -334,7 +353,7 @@ def test_unknown_method(capsys, tmp_path):
 
 
 def test_unknown_network(capsys, tmp_path):
-    line = train_fails(capsys, tmp_path, small_dataset(tmp_path / "data"), "unknown network 'resnet'", "--network", "resnet")
+    line = train_fails(capsys, tmp_path, small_dataset(tmp_path / "data"), "unknown network 'no-such-net'", "--network", "no-such-net")
     assert "vnet" in line
 
 
@@ -419,3 +438,30 @@ def test_folder_prediction_with_one_corrupt_scan(capsys, tmp_path, trained):
     assert "bad_scan.nii.gz" in summary and "truncated" in summary
     for scan in good:
         assert read_volume(out / scan.name).geometry.matches(read_volume(scan).geometry)
+
+
+def test_predict_refuses_to_write_over_its_input(capsys, tmp_path, trained):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(SAMPLE / "imagesTs" / "hippocampus_036.nii.gz", scans / "hippocampus_036.nii.gz")
+    before = (scans / "hippocampus_036.nii.gz").read_bytes()
+    code, _, err = run_cli(capsys, "predict", scans, "--checkpoint", trained["run"] / "best", "--out", scans,
+                           "--device", "cpu", "--overwrite")
+    assert code == 2
+    error_line(err, "would replace the input scan")
+    assert sorted(p.name for p in scans.iterdir()) == ["hippocampus_036.nii.gz"]
+    assert (scans / "hippocampus_036.nii.gz").read_bytes() == before
+
+
+def test_evaluate_names_the_predictions_folder_when_a_case_is_missing(capsys, tmp_path, trained):
+    predictions = tmp_path / "predictions"
+    shutil.copytree(trained["predictions"], predictions)
+    (predictions / "hippocampus_004.nii.gz").unlink()  # its _entropy/_disagreement maps stay
+    out = tmp_path / "evaluation"
+    code, _, err = run_cli(capsys, "evaluate", "--predictions", predictions, "--labels", trained["data"] / "labelsTr", "--out", out)
+    assert code == 2
+    line = error_line(err, "1 label(s) without a prediction")
+    assert f"in {predictions}: hippocampus_004" in line
+    assert "semiseg-evaluate-" not in line
+    assert "without a label" not in line  # its uncertainty maps are not taken for cases
+    assert not out.exists()

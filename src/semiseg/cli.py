@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import re
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=0.05, help="initial learning rate")
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--validate-every", type=int, default=200, help="iterations between validations and last-checkpoint saves")
+    train.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--uncertainty", action="store_true", help="also write CASE_entropy.nii.gz (and CASE_disagreement.nii.gz for two-network methods)")
     predict.add_argument("--probabilities", action="store_true", help="also write CASE_probabilities.nii.gz... one file per class")
     predict.add_argument("--tta", action="store_true", help="average over the 8 flips (8x slower)")
-    predict.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0..1")
+    predict.add_argument("--overlap", type=float, help="sliding-window overlap, 0..1 (default: the method's, 0.5 for most)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="semiseg: %(message)s", level=logging.WARNING)
     handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info}[args.command]
     try:
         return handler(args) or 0
@@ -133,6 +136,7 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         (args.iterations >= 1, f"--iterations {args.iterations}: must be at least 1"),
         (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1"),
         (args.validate_every >= 1, f"--validate-every {args.validate_every}: must be at least 1"),
+        (args.log_every >= 1, f"--log-every {args.log_every}: must be at least 1"),
         (args.workers >= 0, f"--workers {args.workers}: must be 0 (load in the main process) or more"),
         (args.lr > 0, f"--lr {args.lr}: must be positive"),
         (args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be 0 or more"),
@@ -162,6 +166,32 @@ def _remove_new_output(out: Path, before: set[str] | None) -> None:
             pass
 
 
+_RUN_ENTRIES = ("last", "best", "log.jsonl")
+
+
+def _set_aside(out: Path) -> dict[Path, Path]:
+    """Rename an existing run's checkpoints and log to hidden names; returns {original: hidden}."""
+    if not ((out / "last").exists() or (out / "best").exists()):
+        return {}
+    moved = {}
+    for name in _RUN_ENTRIES:
+        original = out / name
+        if original.exists():
+            hidden = out / f".{name}.replaced-{os.getpid()}"
+            os.replace(original, hidden)
+            moved[original] = hidden
+    return moved
+
+
+def _restore_aside(moved: dict[Path, Path], keep_new: bool) -> None:
+    """Delete the set-aside run once the new one exists, else put it back."""
+    for original, hidden in moved.items():
+        if keep_new or original.exists():
+            shutil.rmtree(hidden, ignore_errors=True) if hidden.is_dir() else hidden.unlink(missing_ok=True)
+        else:
+            os.replace(hidden, original)
+
+
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -173,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         data=args.data, output=args.out, method=args.method, network=args.network, labeled=args.labeled,
         validation=args.validation, unlabeled=args.unlabeled, iterations=args.iterations, batch_size=args.batch_size,
         patch_size=tuple(args.patch) if args.patch else None, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, validate_every=args.validate_every, seed=args.seed, device=args.device,
+        weight_decay=args.weight_decay, validate_every=args.validate_every, log_every=args.log_every, seed=args.seed, device=args.device,
         workers=args.workers, amp=not args.no_amp, method_options=dict(args.option),
         network_options=dict(args.network_option), resume=args.resume, overwrite=args.overwrite,
     )
@@ -186,10 +216,13 @@ def _train(args: argparse.Namespace) -> int:
         tqdm.write("stopping after this iteration and saving the last checkpoint (Ctrl-C again to abort)")
 
     bars: dict[str, Any] = {}
+    resumed_at = {"iteration": 0}
 
     def on_event(event: dict) -> None:
         kind = event["type"]
-        if kind == "start":
+        if kind == "resume":
+            resumed_at["iteration"] = event["iteration"]
+        elif kind == "start":
             tqdm.write(f"device: {event['device']}")
         elif kind == "dataset":
             tqdm.write(f"{event['description']}\ntraining on {event['labeled']} labeled + {event['unlabeled']} unlabeled, validating on {event['validation']}; patch {tuple(event['patch_size'])}")
@@ -199,7 +232,7 @@ def _train(args: argparse.Namespace) -> int:
             if event["done"] == event["total"]:
                 bars.pop("prepare").close()
         elif kind == "iteration":
-            bar = bars.get("train") or bars.setdefault("train", tqdm(total=event["iterations"], initial=event["iteration"] - 1, desc="training", unit="it"))
+            bar = bars.get("train") or bars.setdefault("train", tqdm(total=event["iterations"], initial=resumed_at["iteration"], desc="training", unit="it"))
             bar.update(event["iteration"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.4f}")
         elif kind == "validation":
@@ -210,18 +243,22 @@ def _train(args: argparse.Namespace) -> int:
             tqdm.write(("cancelled" if kind == "cancelled" else "finished") + f" at iteration {event['iteration']}; model: {event['checkpoint']}")
 
     out = Path(args.out)
+    # --overwrite: keep the old run aside until the new one has written a checkpoint, so that a
+    # new run failing at its start (bad data, bad option) does not cost the old one.
+    replaced = _set_aside(out) if args.overwrite and not args.resume else {}
     before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
         train(config, on_event, lambda: stop["asked"])
-    except (SemisegError, OSError):
+    except BaseException as error:
+        started = (out / "last").exists()
         _remove_new_output(out, before)
-        raise
-    except RuntimeError as error:
-        _remove_new_output(out, before)
-        if _out_of_gpu_memory(error):
+        _restore_aside(replaced, keep_new=started)
+        if isinstance(error, RuntimeError) and _out_of_gpu_memory(error):
             raise InputError("out of GPU memory; lower --batch-size or --patch (or --network-option base_filters=8)") from None
         raise
+    else:
+        _restore_aside(replaced, keep_new=True)
     finally:
         for bar in bars.values():
             bar.close()
@@ -287,7 +324,7 @@ def _predict(args: argparse.Namespace) -> int:
     from semiseg.models import load_model
     from semiseg.inference import predict_volume
 
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         raise InputError(f"--overlap {args.overlap}: must be in [0, 1)")
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
@@ -306,7 +343,7 @@ def _predict(args: argparse.Namespace) -> int:
             try:
                 volume = read_volume(path)
                 try:
-                    prediction = predict_volume(volume, model.plan, model.predictors(), device, args.overlap, args.tta)
+                    prediction = predict_volume(volume, model.plan, model.predictors(), device, model.overlap if args.overlap is None else args.overlap, args.tta)
                 except RuntimeError as error:
                     if _out_of_gpu_memory(error):
                         raise InputError(f"{path}: out of GPU memory; use --device cpu or a smaller --overlap") from None
@@ -368,7 +405,8 @@ _MAP_NAME = re.compile(r"^(?P<case>.+)_(entropy|disagreement|probability_\d+)$")
 
 def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_units: bool) -> list[dict]:
     """evaluate_folders, leaving out the uncertainty and probability maps `predict` writes beside
-    its label maps (CASE_entropy, CASE_disagreement, CASE_probability_N) when CASE is there too."""
+    its label maps (CASE_entropy, CASE_disagreement, CASE_probability_N) when CASE is a prediction
+    or a label; a label named like a map still counts as a case."""
     from semiseg.io import strip_suffix, volume_suffix
     from semiseg.metrics import evaluate_folders
 
@@ -378,7 +416,8 @@ def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_
     label_names = {strip_suffix(p) for p in labels.iterdir() if p.is_file() and volume_suffix(p)}
     maps = {
         name for name in names
-        if (match := _MAP_NAME.match(name)) and match["case"] in names and name not in label_names
+        if (match := _MAP_NAME.match(name)) and (match["case"] in names or match["case"] in label_names)
+        and name not in label_names
     }
     if not maps:
         return evaluate_folders(predictions, labels, class_names, voxel_units=voxel_units)

@@ -162,7 +162,7 @@ def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Datas
 def _msd(root: Path) -> Dataset:
     dataset = _paired(root, root / "imagesTr", root / "labelsTr", "MSD/nnU-Net")
     if (root / "imagesTs").is_dir():
-        dataset.cases += [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(root / "imagesTs"), root).items())]
+        dataset.cases += [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(root / "imagesTs"), root / "imagesTs").items())]
     return dataset
 
 

@@ -9,6 +9,7 @@ Uncertainty maps, both in [0, 1]:
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from semiseg.errors import InputError
 from semiseg.io import Volume
 from semiseg.preprocessing import Plan
 
 ProgressCallback = Callable[[dict], None]
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -34,22 +37,58 @@ def predict_probabilities(
     sw_batch_size: int = 2,
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Softmax of each predictor over a preprocessed (z, y, x) image: array (P, C, z, y, x)."""
-    x = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32, device=device)[None, None]
+    """Softmax of each predictor over a preprocessed (z, y, x) image: array (P, C, z, y, x).
+
+    Memory guard: the whole-volume sums live on the device only when they fit comfortably; on an
+    accelerator out-of-memory error the volume is predicted again one window at a time with the
+    sums on the CPU, and if even that does not fit the error says what to do instead.
+    """
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: cached arrays are read-only maps
     flips = [axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)] if tta else [()]
 
     def all_predictors(patch: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.softmax(p(patch).float(), dim=1) for p in predictors], dim=1)
 
-    total = torch.zeros(())
-    for index, axes in enumerate(flips):
-        flipped = torch.flip(x, axes) if axes else x
-        out = sliding_window_inference(flipped, patch_size, sw_batch_size, all_predictors, overlap=overlap, mode="gaussian")
-        total = total + (torch.flip(out, axes) if axes else out)
-        if progress is not None:
-            progress({"type": "inference", "step": index + 1, "steps": len(flips)})
+    def run(windows: int, sums_on: torch.device) -> torch.Tensor:
+        total = torch.zeros((), device=sums_on)
+        for index, axes in enumerate(flips):
+            flipped = torch.flip(x, axes) if axes else x
+            out = sliding_window_inference(flipped, patch_size, windows, all_predictors, overlap=overlap, mode="gaussian",
+                                           sw_device=device, device=sums_on)
+            total = total + (torch.flip(out, axes) if axes else out)
+            if progress is not None:
+                progress({"type": "inference", "step": index + 1, "steps": len(flips)})
+        return total
+
+    try:
+        total = run(sw_batch_size, _sums_device(x, len(predictors), device))
+    except torch.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        _empty_cache(device)
+        logger.warning("out of %s memory: predicting again one window at a time, summing on the CPU", device)
+        try:
+            total = run(1, torch.device("cpu"))
+        except torch.OutOfMemoryError:
+            _empty_cache(device)
+            raise InputError(f"out of {device} memory even one window at a time; predict on the CPU (device cpu)") from None
     probabilities = (total / len(flips))[0].cpu().numpy()
     return probabilities.reshape(len(predictors), -1, *probabilities.shape[1:])
+
+
+def _sums_device(image: torch.Tensor, predictors: int, device: torch.device) -> torch.device:
+    """The device for the whole-volume sums: the accelerator when they take under a quarter of its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    # Sums and weights for up to 8 classes per predictor plus a flipped copy, float32: a generous bound.
+    needed = image.numel() * 4 * (predictors * 8 + 2)
+    return device if needed < free / 4 else torch.device("cpu")
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:

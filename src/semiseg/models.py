@@ -25,6 +25,11 @@ class Model:
     def predictors(self) -> list:
         return list(self.method.predictors().values())
 
+    @property
+    def overlap(self) -> float:
+        """The sliding-window overlap the method's paper infers with."""
+        return self.method.inference_overlap
+
 
 def method_weights(method: Method) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value for name, net in method.networks.items() for key, value in net.state_dict().items()}

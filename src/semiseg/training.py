@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from semiseg.checkpoint import load_training_state, load_weights, read_meta, save_checkpoint
 from semiseg.datasets import Case, Split, choose_split, load_dataset
-from semiseg.devices import describe, resolve_device
+from semiseg import distributed
+from semiseg.devices import describe
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.inference import predict_probabilities
 from semiseg.io import strip_suffix
@@ -77,11 +78,14 @@ class Trainer:
         self.config = config
         self.on_event = on_event
         self.should_stop = should_stop or (lambda: False)
+        self.distribution = distributed.Distribution()
         self.output = Path(config.output)
         self.log_path = self.output / "log.jsonl"
 
     # Events -----------------------------------------------------------------------------------
     def emit(self, event: dict[str, Any]) -> None:
+        if not self.distribution.is_main:
+            return
         event = {"time": time.time(), **event}
         with open(self.log_path, "a") as log:
             log.write(json.dumps(event) + "\n")
@@ -107,18 +111,24 @@ class Trainer:
         config = self.config
         if config.iterations < 1 or config.batch_size < 1:
             raise InputError("iterations and batch size must be at least 1")
-        self.device = resolve_device(config.device)
-        self.emit({"type": "start", "device": describe(self.device), "config": _jsonable(asdict(config))})
+        self.emit({"type": "start", "device": describe(self.device), "processes": self.distribution.world_size,
+                   "config": _jsonable(asdict(config))})
         self.dataset = load_dataset(config.data, config.unlabeled)
-        for image, label in config.extra_labeled:
-            self.dataset.cases.append(Case(strip_suffix(image), image, label))
         start_from = self.output / "last" if config.resume else config.initial_checkpoint
         start_meta = read_meta(start_from) if start_from else None
         if start_meta is not None and config.resume:
             self.split = Split(**start_meta["split"])
+        elif config.extra_labeled and not self.dataset.labeled:
+            # Fine-tuning on corrections over a folder of unlabeled scans.
+            self.split = Split([], sorted(c.case_id for c in self.dataset.cases), [], config.seed)
         else:
             self.split = choose_split(self.dataset, config.labeled, config.validation, config.seed)
-            self.split.labeled += [c.case_id for c in self.dataset.cases if c.image in {i for i, _ in config.extra_labeled}]
+        # Corrections made in the plugin: labeled on top of whatever the split chose.
+        for image, label in config.extra_labeled:
+            case = Case(f"correction-{strip_suffix(image)}", image, label)
+            self.dataset.cases.append(case)
+            if not config.resume:
+                self.split.labeled.append(case.case_id)
         method_cls = method_class(config.method)
         if start_meta is not None:
             self.plan = Plan.from_dict(start_meta["plan"])
@@ -134,6 +144,8 @@ class Trainer:
         if config.initial_checkpoint and not config.resume:
             self._initialise_from(config.initial_checkpoint)
         self.method.to(self.device)
+        self.model = distributed.wrap(self.method, self.distribution, self.device)
+        torch.manual_seed(config.seed + self.distribution.rank)  # ranks draw different noise and dropout
         self.optimizers, self.schedulers = self._make_optimizers()
         self.amp_dtype = _amp_dtype(self.device) if config.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -193,7 +205,8 @@ class Trainer:
 
         def loader(volumes: Volumes, seed: int):
             dataset = PatchDataset(volumes, self.plan.patch_size, seed)
-            batches = IterationBatches(self.iteration, config.iterations, config.batch_size)
+            batches = IterationBatches(self.iteration, config.iterations, config.batch_size,
+                                       self.distribution.rank, self.distribution.world_size)
             # Own generator: creating a loader iterator must not draw from the global RNG that the
             # methods use, or a resumed run would diverge from an uninterrupted one.
             return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=pin,
@@ -210,8 +223,17 @@ class Trainer:
     # Loop -------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train to the iteration budget (or until cancelled); return the best (else last) checkpoint."""
-        self._prepare_output()
-        self._setup()
+        self.distribution, self.device = distributed.start(self.config.device)
+        try:
+            if self.distribution.is_main:
+                self._prepare_output()
+            distributed.barrier(self.distribution)
+            self._setup()
+            return self._loop()
+        finally:
+            distributed.stop(self.distribution)
+
+    def _loop(self) -> Path:
         validation = self._volumes(self.split.validation, True) if self.split.validation else None
         labeled_loader, unlabeled_loader = self._loaders()
         unlabeled_batches = iter(unlabeled_loader) if unlabeled_loader is not None else None
@@ -221,7 +243,7 @@ class Trainer:
         started, started_at = self.iteration, time.perf_counter()
         cancelled = False
         for labeled in labeled_loader:
-            if self.should_stop():
+            if distributed.broadcast_flag(self.should_stop(), self.distribution, self.device):
                 cancelled = True
                 break
             unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
@@ -237,6 +259,7 @@ class Trainer:
             elif self.iteration % config.validate_every == 0:
                 self._save("last", with_training_state=True)
         self._save("last", with_training_state=True)
+        distributed.barrier(self.distribution)
         best = self.output / "best"
         if not best.exists():
             self._save("best", with_training_state=False)
@@ -251,7 +274,7 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            losses = self.method.training_step(labeled, unlabeled, step)
+            losses = self.model(labeled, unlabeled, step)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
         for optimizer in self.optimizers.values():
@@ -264,7 +287,7 @@ class Trainer:
 
     def _emit_iteration(self, running: dict[str, torch.Tensor], started: int, started_at: float) -> None:
         count = self.config.log_every if self.iteration % self.config.log_every == 0 else self.iteration % self.config.log_every
-        losses = {k: float(v) / count for k, v in running.items()}
+        losses = {k: float(v) / count for k, v in distributed.mean_across_ranks(running, self.distribution).items()}
         elapsed = time.perf_counter() - started_at
         per_iteration = elapsed / max(self.iteration - started, 1)
         self.emit({
@@ -279,11 +302,14 @@ class Trainer:
         self.method.eval()
         predictors = list(self.method.predictors().values())
         per_case = []
-        for image, label in zip(validation.images, validation.labels):
-            probabilities = predict_probabilities(np.asarray(image), predictors, self.plan.patch_size, self.device)
+        shard = slice(self.distribution.rank, None, self.distribution.world_size)
+        for image, label in zip(validation.images[shard], validation.labels[shard]):
+            probabilities = predict_probabilities(np.asarray(image), predictors, self.plan.patch_size, self.device,
+                                                  self.method.inference_overlap)
             prediction = probabilities.mean(0).argmax(0)
             per_case.append([_dice(prediction == c, np.asarray(label) == c) for c in sorted(self.plan.class_names) if c != 0])
         self.method.train()
+        per_case = distributed.gather(per_case, self.distribution)
         per_class = np.nanmean(np.array(per_case, dtype=float), axis=0)
         dice = float(np.nanmean(per_class))
         names = [self.plan.class_names[c] for c in sorted(self.plan.class_names) if c != 0]
@@ -313,6 +339,8 @@ class Trainer:
         }
 
     def _save(self, name: str, with_training_state: bool) -> None:
+        if not self.distribution.is_main:
+            return
         state = None
         if with_training_state:
             state = {

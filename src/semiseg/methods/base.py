@@ -59,6 +59,8 @@ class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str]
     uses_unlabeled: ClassVar[bool] = True
+    # Sliding-window overlap inference should use unless the user sets one (predict --overlap).
+    inference_overlap: ClassVar[float] = 0.5
     # Method options with their defaults; `semiseg methods` prints them, checkpoints record them.
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -93,6 +95,11 @@ class Method(nn.Module):
         """Loss terms for this step, by name. The trainer back-propagates their sum once and steps
         every optimizer, so a method detaches wherever the paper keeps gradients apart."""
         raise NotImplementedError
+
+    def forward(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
+        # The training step is the module's forward so that DistributedDataParallel can wrap the
+        # whole method (every network, every optimizer's parameters) in one reducer.
+        return self.training_step(labeled, unlabeled, step)
 
     @torch.no_grad()
     def after_step(self, step: StepInfo) -> None:

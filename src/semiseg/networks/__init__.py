@@ -13,10 +13,13 @@ from typing import Any
 from torch import nn
 
 from semiseg.errors import InputError
+from semiseg.networks.resnet_segmenter import ResNetSegmenter
+from semiseg.networks.residual_unet import plain_unet, residual_unet
 from semiseg.networks.unet import UNet
+from semiseg.networks.uxnet import UXNet
 from semiseg.networks.vnet import VNet
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"unet": UNet, "vnet": VNet}
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"resnet": ResNetSegmenter, "plain-unet": plain_unet, "residual-unet": residual_unet, "unet": UNet, "uxnet": UXNet, "vnet": VNet}
 
 
 def register_network(name: str, factory: Callable[..., nn.Module]) -> None:

@@ -1,0 +1,151 @@
+"""DK-UXNet (Wu, Li & Zhang, "Semi-supervised medical image segmentation via query distribution
+consistency", 2023; code: github.com/Rows21/DK-UXNet): a 3D UX-Net backbone with a kMaX decoder,
+trained with a dual contrastive loss between the weak and the strong view of every patch.
+
+Network (paper §2.2): backbone features at encoder stages 2, 3, 4 (1/4, 1/8, 1/16) refine N
+cluster centres by k-means cross-attention, deepest first (`semiseg.networks.kmax`); the masks
+M = softmax over clusters of <pixel embedding, centre> and an MLP's class distribution per cluster
+give p(k | x) = sum_n M_n(x) p_n(k); the predictor returns log p, so inference's softmax gives p.
+The query distribution Q (§2.1, MaxQuery) sums the masks over N/K contiguous groups of queries,
+one group per class: Q_k(x) = sum_{n in group k} M_n(x).
+
+Loss (eqs. 3-5): L = L_sup + lambda (L_segc + L_qdc), L_sup = cross-entropy + Dice on p (MONAI
+DiceCELoss, as all methods here) plus the query-distribution supervision; L_segc and L_qdc are
+InfoNCE losses (cosine similarity, temperature tau) between the two views' p and Q, per voxel.
+
+Defaults and their sources:
+- AdamW, lr 1e-4 (paper §3.2); weight decay 0.01 and a constant rate (the released code: torch's
+  AdamW default, no scheduler; the paper is silent). The run's --optimizer/--lr do not apply;
+  set `lr`/`weight_decay` with --option.
+- queries 128, query_dim 256, 8 heads, FFN 2048, 2 kMaX layers per scale: the released code /
+  kMaX-DeepLab (the paper gives none).
+- qd_weight 0.1: the released code's weight of the query-distribution cross-entropy (the paper says
+  "ground-truth query distribution Q_d is used to supervise the cluster outputs", no weight).
+- contrast_weight (lambda) 0.1 and temperature (tau) 0.1: the paper names both and gives no value;
+  0.1 is SimCLR's temperature (the paper follows SimCLR) and the usual consistency weight (UA-MT).
+- segc / qdc switch L_segc / L_qdc off: the paper's ablation rows (Table 2); with both off (its
+  first row) the unlabeled patches are not used.
+
+Choices where the paper is silent or unclear, and deviations:
+- The backbone is the run's --network (`uxnet` is the paper's 3D UX-Net; `vnet`/`unet` work too, as
+  the kMaX part only needs `encode` and `decode(..., return_embedding=True)`); the backbone's own
+  1x1 head is unused. Inputs are zero-padded to the backbone's size multiple and cropped back.
+- kMaX reads the encoder's stage 2-4 outputs, as §2.2.1 states (the released code reads two decoder
+  scales, kMaX-DeepLab its pixel decoder's); gradients through the argmax: see `kmax.py`.
+- Eq. 4's 1/HWD is read as a mean over voxels: at each voxel, the anchor's positive is the same
+  patch's other view (the views are spatially aligned: intensity-only augmentation), its negatives
+  all views of the other patches of the step (labeled and unlabeled, one contrast for L_l and L_u,
+  so the paper's sum of the two is lambda times the mean over all patches); the denominator runs
+  over every k != i, the positive included (SimCLR's NT-Xent). Both views get gradients (SimCLR).
+- Q is the grouped (K-dimensional) query distribution, which the paper compares to a ground truth;
+  queries are split into K near-equal contiguous groups (the released code: 16/4/108 of 128).
+- The query-distribution supervision is the mean over voxels of -log Q_y (the released code sums
+  over voxels, which ties its scale to the patch size).
+- L_sup is applied to both views of a labeled patch (same labels: the views are aligned).
+- Cluster classes enter the aggregation as probabilities (kMaX's semantic inference), so p is a
+  distribution; the released code weights raw class scores by the masks and applies a softmax.
+- A step sees the trainer's batch (2 labeled + 2 unlabeled patches by default) in both views, 8
+  volumes; the paper's batch was 2 patches in both views.
+- No ramp-up of lambda (the paper has none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from semiseg.errors import InputError
+from semiseg.methods.base import Batch, Method, OptimizerSpec, StepInfo
+from semiseg.networks import size_multiple
+from semiseg.networks.kmax import KMaXDecoder, aggregate_classes
+from semiseg.networks.uxnet import pad_to_multiple
+
+
+def voxel_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE between two views (B, C, *spatial) of B patches, per voxel: each vector's positive is
+    its patch's other view at that voxel, the other 2B - 2 vectors there its negatives; cosine
+    similarity over C; mean over the 2B anchors and the voxels."""
+    with torch.autocast(first.device.type, enabled=False):
+        views = F.normalize(torch.cat([first, second]).float().flatten(2), dim=1)  # (2B, C, V)
+        count = views.shape[0]
+        similarity = torch.einsum("acv,bcv->abv", views, views) / temperature  # (2B anchors, 2B candidates, V)
+        similarity = similarity.masked_fill(torch.eye(count, dtype=torch.bool, device=views.device)[..., None], float("-inf"))
+        partner = torch.arange(count, device=views.device).roll(count // 2)  # i <-> i + B
+        return F.cross_entropy(similarity, partner[:, None].expand(count, views.shape[2]))
+
+
+class DKUXNet(Method):
+    name = "dk-uxnet"
+    summary = "kMaX decoder on a UX-Net (--network uxnet), InfoNCE between weak/strong views of outputs and query distributions."
+    find_unused_parameters = True  # for DistributedDataParallel: the backbone's own 1x1 head gets no gradient
+    defaults = {
+        "contrast_weight": 0.1,  # lambda
+        "temperature": 0.1,  # tau
+        "segc": True,
+        "qdc": True,
+        "qd_weight": 0.1,
+        "queries": 128,
+        "query_dim": 256,
+        "layers_per_scale": 2,
+        "heads": 8,
+        "ffn_dim": 2048,
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        options = self.options
+        if options["queries"] < self.num_classes:
+            raise InputError(f"dk-uxnet needs at least one query per class ({self.num_classes}); got queries={options['queries']}")
+        backbone = self.make_network()
+        self.networks["backbone"] = backbone
+        self.networks["kmax"] = KMaXDecoder(
+            backbone.encoder_widths[:-4:-1], backbone.embedding_width, self.num_classes, queries=options["queries"],
+            dim=options["query_dim"], layers_per_scale=options["layers_per_scale"], heads=options["heads"], ffn_dim=options["ffn_dim"],
+        )
+        group = torch.arange(options["queries"]) * self.num_classes // options["queries"]
+        self.register_buffer("query_groups", F.one_hot(group, self.num_classes).float(), persistent=False)
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        return {"main": OptimizerSpec(networks=["backbone", "kmax"], kind="adamw", lr=self.options["lr"],
+                                      weight_decay=self.options["weight_decay"], schedule="constant")}
+
+    def segment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log class probabilities (B, K, *spatial) and query distribution (B, K, *spatial) of images of any size."""
+        backbone = self.networks["backbone"]
+        depth, height, width = images.shape[2:]
+        features = backbone.encode(pad_to_multiple(images, size_multiple(backbone)))
+        _, embedding = backbone.decode(features, return_embedding=True)
+        mask_logits, class_logits = self.networks["kmax"](features[:-4:-1], embedding)
+        with torch.autocast(images.device.type, enabled=False):
+            masks = mask_logits[..., :depth, :height, :width].float().softmax(1)
+            distribution = torch.einsum("bn...,nk->bk...", masks, self.query_groups)
+            return aggregate_classes(masks, class_logits.float()), distribution
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
+        contrast = self.options["segc"] or self.options["qdc"]
+        batches = [labeled, unlabeled] if contrast and unlabeled is not None else [labeled]
+        weak = torch.cat([b["image"] for b in batches])
+        count, n_labeled = weak.shape[0], labeled["image"].shape[0]
+        log_probs, distribution = self.segment(torch.cat([weak, torch.cat([b["image_strong"] for b in batches])]))
+        labels = torch.cat([labeled["label"], labeled["label"]])
+
+        def labeled_views(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:n_labeled], x[count : count + n_labeled]])
+
+        query_nll = F.nll_loss(labeled_views(distribution).clamp_min(torch.finfo(torch.float32).tiny).log(), labels[:, 0])
+        losses = {
+            "supervised": self.supervised_loss(labeled_views(log_probs), labels),
+            "query_distribution": self.options["qd_weight"] * query_nll,
+        }
+        weight, temperature = self.options["contrast_weight"], self.options["temperature"]
+        if self.options["segc"]:
+            probabilities = log_probs.exp()
+            losses["segc"] = weight * voxel_info_nce(probabilities[:count], probabilities[count:], temperature)
+        if self.options["qdc"]:
+            losses["qdc"] = weight * voxel_info_nce(distribution[:count], distribution[count:], temperature)
+        return losses
+
+    def predictors(self):
+        return {"dk-uxnet": lambda images: self.segment(images)[0]}

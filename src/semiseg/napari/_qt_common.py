@@ -1,0 +1,407 @@
+"""Small Qt pieces the widgets share: the per-viewer session (chosen checkpoint), layer and
+checkpoint pickers, a device picker, a folder field, a background-job runner and a Dice sparkline."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari.utils.notifications import show_error
+
+from semiseg.checkpoint import read_meta
+from semiseg.errors import SemisegError
+from semiseg.napari import checkpoints
+from semiseg.napari.jobs import Cancelled
+
+# Session ------------------------------------------------------------------------------------------
+
+
+class Session(QObject):
+    """What the widgets of one viewer share: the chosen checkpoint and the list to choose from."""
+
+    checkpoint_changed = Signal(str)
+    checkpoints_changed = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoint: str | None = None
+        options = self.checkpoints()
+        if options:
+            self.checkpoint = options[0]
+
+    def checkpoints(self) -> list[str]:
+        found = []
+        default = checkpoints.default_model_path()
+        for path in checkpoints.recent_checkpoints() + ([str(default)] if default else []):
+            if path not in found:
+                found.append(path)
+        if self.checkpoint and self.checkpoint not in found and checkpoints.is_checkpoint(self.checkpoint):
+            found.insert(0, self.checkpoint)
+        return found
+
+    def add(self, path: str, select: bool = True) -> None:
+        folder = str(checkpoints.remember_checkpoint(path)[0])
+        self.checkpoints_changed.emit()
+        if select:
+            self.select(folder)
+
+    def select(self, path: str | None) -> None:
+        if path == self.checkpoint:
+            return
+        self.checkpoint = path
+        self.checkpoint_changed.emit(path or "")
+
+
+_SESSIONS: dict[int, Session] = {}
+
+
+def session_for(viewer) -> Session:
+    key = id(viewer)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Session()
+        try:
+            weakref.finalize(viewer, _SESSIONS.pop, key, None)
+        except TypeError:
+            pass
+    return _SESSIONS[key]
+
+
+# Pickers ------------------------------------------------------------------------------------------
+
+
+class LayerChoice(QComboBox):
+    """The viewer's layers of one kind, kept current as layers come, go and get renamed."""
+
+    def __init__(self, viewer, kind: type, none_text: str | None = None, accept: Callable[[Any], bool] | None = None,
+                 follow_active: bool = False, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.kind = kind
+        self.none_text = none_text
+        self.accept = accept or (lambda layer: True)
+        self._layers: list[Any] = []
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(14)
+        events = viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved, events.reordered):
+            event.connect(self._on_layers)
+        if follow_active:
+            viewer.layers.selection.events.active.connect(self._on_active)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _on_layers(self, event=None) -> None:
+        value = getattr(event, "value", None)
+        if value is not None and hasattr(value, "events"):
+            value.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _on_active(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None and isinstance(layer, self.kind) and self.accept(layer):
+            self.set_layer(layer)
+
+    def refresh(self, event=None) -> None:
+        try:
+            current = self.layer()
+            layers = [layer for layer in self.viewer.layers if isinstance(layer, self.kind) and self.accept(layer)]
+            self.blockSignals(True)
+            self.clear()
+            self._layers = ([None] if self.none_text is not None else []) + layers
+            for layer in self._layers:
+                self.addItem(self.none_text if layer is None else layer.name)
+            if current is not None and current in layers:
+                self.setCurrentIndex(self._layers.index(current))
+            self.blockSignals(False)
+            if current is not self.layer():
+                self.currentIndexChanged.emit(self.currentIndex())
+        except RuntimeError:  # the Qt widget is gone; the viewer outlived it
+            pass
+
+    def layer(self):
+        index = self.currentIndex()
+        return self._layers[index] if 0 <= index < len(self._layers) else None
+
+    def set_layer(self, layer) -> None:
+        if layer in self._layers:
+            self.setCurrentIndex(self._layers.index(layer))
+
+
+class CheckpointPicker(QWidget):
+    """Recent checkpoints (and the bundled default), a Browse button, and what the chosen one is."""
+
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.combo = QComboBox()
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(14)
+        self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.browse = QPushButton("Browse…")
+        self.browse.setToolTip("Choose a checkpoint folder (one holding model.json and model.safetensors)")
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.info.setStyleSheet("color: gray;")
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.combo, 1)
+        row.addWidget(self.browse)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addLayout(row)
+        layout.addWidget(self.info)
+        self.combo.currentIndexChanged.connect(self._chosen)
+        self.browse.clicked.connect(self._browse)
+        session.checkpoints_changed.connect(self.refresh)
+        session.checkpoint_changed.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, *args) -> None:
+        try:
+            self.combo.blockSignals(True)
+            self.combo.clear()
+            paths = self.session.checkpoints()
+            for path in paths:
+                self.combo.addItem(checkpoints.checkpoint_label(path), path)
+                self.combo.setItemData(self.combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
+            if not paths:
+                self.combo.addItem("no model yet: train one, or Browse…", None)
+            elif self.session.checkpoint in paths:
+                self.combo.setCurrentIndex(paths.index(self.session.checkpoint))
+            self.combo.blockSignals(False)
+            path = self.path()
+            self.info.setText(checkpoints.describe_checkpoint(path) if path else "No bundled default model in this installation.")
+        except RuntimeError:
+            pass
+
+    def path(self) -> str | None:
+        return self.combo.currentData()
+
+    def _chosen(self, index: int) -> None:
+        self.session.select(self.combo.itemData(index))
+        self.refresh()
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder", self.path() or str(Path.home()))
+        if folder:
+            self.choose(folder)
+
+    def choose(self, folder: str) -> bool:
+        try:
+            read_meta(folder)
+            self.session.add(folder)
+        except SemisegError as error:
+            show_error(f"semiseg: {error}")
+            return False
+        return True
+
+
+class DevicePicker(QWidget):
+    """auto / cpu / cuda / mps, and the device that choice resolves to here."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.combo = QComboBox()
+        self.combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.resolved = QLabel()
+        self.resolved.setStyleSheet("color: gray;")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.combo)
+        layout.addWidget(self.resolved, 1)
+        self.combo.currentTextChanged.connect(self._update)
+        self._update()
+
+    def name(self) -> str:
+        return self.combo.currentText()
+
+    def device(self):
+        from semiseg.devices import resolve_device
+
+        return resolve_device(self.name())
+
+    def _update(self, *args) -> None:
+        from semiseg.devices import describe
+
+        try:
+            self.resolved.setText(f"→ {describe(self.device())}")
+            self.resolved.setToolTip("")
+        except SemisegError as error:
+            self.resolved.setText("→ not available")
+            self.resolved.setToolTip(str(error))
+
+
+class FolderField(QWidget):
+    changed = Signal(str)
+
+    def __init__(self, placeholder: str = "", caption: str = "Choose a folder", text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.caption = caption
+        self.edit = QLineEdit(text)
+        self.edit.setPlaceholderText(placeholder)
+        self.button = QPushButton("Browse…")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.edit, 1)
+        layout.addWidget(self.button)
+        self.button.clicked.connect(self._browse)
+        self.edit.editingFinished.connect(lambda: self.changed.emit(self.text()))
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def set_text(self, text: str) -> None:
+        self.edit.setText(text)
+        self.changed.emit(self.text())
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, self.caption, self.text() or str(Path.home()))
+        if folder:
+            self.set_text(folder)
+
+
+# Background jobs ----------------------------------------------------------------------------------
+
+
+class _Relay(QObject):
+    progress = Signal(object)
+
+
+class _NamedCall:
+    """A callable that napari's task list shows by its description."""
+
+    def __init__(self, description: str, function: Callable[[], Any]) -> None:
+        self.description = description
+        self.function = function
+
+    def __call__(self):
+        return self.function()
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class ThreadJob:
+    """Run `function(progress=..., should_stop=...)` in a napari worker thread (it shows in napari's
+    activity list, with napari's cancel). Outcomes arrive in the GUI thread: on_done("ok", value),
+    on_done("error", one-line message) for semiseg's user errors, on_done("cancelled", None).
+    Unexpected exceptions are left to napari, which reports them as bugs."""
+
+    def __init__(self, description: str, function: Callable[..., Any], on_done: Callable[[str, Any], None],
+                 on_progress: Callable[[dict], None] | None = None) -> None:
+        from napari.qt.threading import create_worker
+
+        self.cancel_event = threading.Event()
+        self.relay = _Relay()
+        if on_progress is not None:
+            self.relay.progress.connect(on_progress)
+        self.on_done = on_done
+        self.function = function
+        self.outcome: tuple[str, Any] | None = None
+        self.done = False
+        self.worker = create_worker(_NamedCall(description, self._call), _progress={"desc": description}, _start_thread=False)
+        self.worker.returned.connect(self._returned)
+        self.worker.finished.connect(self._finished)
+
+    def should_stop(self) -> bool:
+        return self.cancel_event.is_set() or self.worker.abort_requested
+
+    def _call(self):
+        try:
+            return ("ok", self.function(progress=self.relay.progress.emit, should_stop=self.should_stop))
+        except Cancelled:
+            return ("cancelled", None)
+        except SemisegError as error:
+            return ("error", " ".join(str(error).split()))
+        except MemoryError:
+            return ("error", "out of memory (try the CPU, or a smaller scan)")
+        except RuntimeError as error:
+            if "out of memory" in str(error).lower():
+                return ("error", "out of GPU memory; choose the CPU device")
+            raise
+
+    def _returned(self, outcome) -> None:
+        self.outcome = outcome
+
+    def _finished(self) -> None:
+        self.done = True
+        status, value = self.outcome or ("cancelled", None)  # napari's own cancel suppresses the result
+        self.on_done(status, value)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def running(self) -> bool:
+        return not self.done
+
+
+# Validation-Dice sparkline ------------------------------------------------------------------------
+
+
+class Sparkline(QWidget):
+    """Validation Dice against iteration, 0..1, with the latest and best values written in."""
+
+    def __init__(self, title: str = "validation Dice", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.title = title
+        self.points: list[tuple[float, float]] = []
+        self.iterations = 1
+        self.setMinimumHeight(70)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def set_points(self, points: list[tuple[float, float]], iterations: int) -> None:
+        self.points = list(points)
+        self.iterations = max(iterations, 1)
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        rect = self.rect().adjusted(4, 16, -4, -4)
+        text_color = self.palette().color(self.foregroundRole())
+        painter.setPen(QPen(QColor(128, 128, 128), 1))
+        painter.drawRect(rect)
+        painter.setPen(text_color)
+        if self.points:
+            latest = self.points[-1][1]
+            best = max(p[1] for p in self.points)
+            caption = f"{self.title}: {latest:.3f} (best {best:.3f})"
+        else:
+            caption = f"{self.title}: none yet"
+        painter.drawText(4, 12, caption)
+        if not self.points:
+            painter.end()
+            return
+        polygon = QPolygonF()
+        for iteration, value in self.points:
+            x = rect.left() + rect.width() * min(iteration / self.iterations, 1.0)
+            y = rect.bottom() - rect.height() * min(max(value, 0.0), 1.0)
+            polygon.append(QPointF(x, y))
+        painter.setPen(QPen(QColor(230, 159, 0), 2))
+        painter.drawPolyline(polygon)
+        for point in polygon:
+            painter.drawEllipse(point, 2.5, 2.5)
+        painter.end()

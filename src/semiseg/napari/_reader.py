@@ -1,0 +1,98 @@
+"""npe2 reader: NIfTI/NRRD/MHA/MHD files, DICOM series folders and LA h5 files.
+
+A scan opens as an Image layer placed physically (scale = spacing, translate = origin, z y x), with
+its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
+labels*, a `_seg`/`_label`/`_mask` name, or whole-number data with few distinct values) opens as a
+Labels layer on the same grid. An LA h5 file gives both its `image` and its `label`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from semiseg.errors import SemisegError
+from semiseg.io import is_dicom_folder, read_volume, strip_suffix, volume_suffix
+from semiseg.napari.layers import class_names_near, jsonable_names, looks_like_labels, volume_layer_data
+
+
+def might_be_dicom_folder(folder: Path) -> bool:
+    """Cheap pre-check before asking GDCM (which warns on stderr about every folder that is not
+    DICOM): a DICOM series folder holds files that are not volume files (x.dcm, or no suffix)."""
+    try:
+        return any(p.is_file() and volume_suffix(p) is None and not p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _readable(path: str) -> bool:
+    candidate = Path(path)
+    if candidate.is_dir():
+        return might_be_dicom_folder(candidate) and is_dicom_folder(candidate)
+    if candidate.suffix.lower() == ".dcm":
+        return is_dicom_folder(candidate.parent)
+    return volume_suffix(candidate) is not None
+
+
+def get_reader(path):
+    """Return a reader for the path(s) if every one is a volume semiseg reads, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_readable(str(p)) for p in paths):
+        return None
+    return read_paths
+
+
+def read_paths(path) -> list[tuple]:
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers: list[tuple] = []
+    for item in paths:
+        try:
+            layers += read_layers(item)
+        except SemisegError as error:
+            # A user-facing problem (corrupt file, not 3D, ...): one line, no traceback.
+            from napari.utils.notifications import show_error
+
+            show_error(f"semiseg: {error}")
+    return layers
+
+
+def read_layers(path: str | Path) -> list[tuple]:
+    """LayerData tuples for one file or DICOM folder (a .dcm file reads its folder's series)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".dcm":
+        path = path.parent
+    if path.is_dir():
+        volume = read_volume(path)
+        return [volume_layer_data(volume, path.name, "image", str(path))]
+    name = strip_suffix(path)
+    if volume_suffix(path) == ".h5":
+        import h5py
+
+        volume = read_volume(path, "image")
+        layers = [volume_layer_data(volume, f"{path.parent.name}/{name}" if name == "mri_norm2" else name, "image", str(path))]
+        with h5py.File(path, "r") as handle:
+            has_label = "label" in handle
+        if has_label:
+            label = read_volume(path, "label")
+            layers.append(volume_layer_data(label, f"{layers[0][1]['name']} label", "labels", str(path), image_path=str(path),
+                                            class_names={"0": "background", "1": "left atrium"}))
+        return layers
+    volume = read_volume(path)
+    if looks_like_labels(path, volume.array):
+        names = class_names_near(path)
+        image_path = _matching_image(path)
+        return [volume_layer_data(volume, f"{name} labels", "labels", str(path), class_names=jsonable_names(names),
+                                  image_path=image_path)]
+    return [volume_layer_data(volume, name, "image", str(path))]
+
+
+def _matching_image(label_path: Path) -> str | None:
+    """The scan of an MSD-style label (labelsTr/x.nii.gz -> imagesTr/x.nii.gz or x_0000.nii.gz)."""
+    folder = label_path.parent
+    if not folder.name.lower().startswith("label"):
+        return None
+    stem, suffix = strip_suffix(label_path), volume_suffix(label_path) or ""
+    images = folder.parent / ("images" + folder.name[len("labels"):])
+    for candidate in (images / f"{stem}{suffix}", images / f"{stem}_0000{suffix}"):
+        if candidate.is_file():
+            return str(candidate)
+    return None

@@ -1,0 +1,56 @@
+"""npe2 writers: a Labels (or Image) layer to NIfTI/NRRD/MHA with its scan's exact geometry.
+
+Overwriting, decided: napari reaches these writers through File > Save Selected Layers, whose
+file dialog already asks "replace it?" when the name exists, or through `viewer.layers.save(path)`,
+an explicit request in code (napari's own writers overwrite there too). So an existing file is
+replaced -- atomically (temporary file, fsync, rename: never a half-written mask) -- with one
+exception: a layer is never written over the scan it shows or was predicted from, which would
+destroy the image. The Export widget, which has no such dialog, asks before replacing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from semiseg.errors import InputError, SemisegError
+from semiseg.io import WRITABLE_SUFFIXES, Volume, volume_suffix, write_volume
+from semiseg.napari.layers import labels_array, volume_from_attributes
+
+
+def _protected(path: Path, attributes: dict[str, Any]) -> str | None:
+    metadata = attributes.get("metadata") or {}
+    target = path.resolve()
+    for key in ("image_path",) + (("source_path",) if metadata.get("role") not in ("labels", "correction") else ()):
+        source = metadata.get(key)
+        if source and Path(source).exists() and Path(source).resolve() == target:
+            return source
+    return None
+
+
+def _write(path: str, data, attributes: dict[str, Any], as_labels: bool) -> list[str]:
+    from napari.utils.notifications import show_error
+
+    target = Path(path)
+    try:
+        if volume_suffix(target) not in WRITABLE_SUFFIXES:
+            raise InputError(f"{target.name}: choose a .nii.gz, .nii, .nrrd or .mha file name")
+        protected = _protected(target, attributes)
+        if protected:
+            raise InputError(f"{target}: that is the scan this layer belongs to; save under another name")
+        volume = volume_from_attributes(data, attributes)
+        if as_labels:
+            volume = Volume(labels_array(volume.array, attributes.get("name", "labels")), volume.geometry)
+        written = write_volume(volume, target, overwrite=True)
+    except SemisegError as error:
+        show_error(f"semiseg: not saved: {error}")
+        return []
+    return [str(written)]
+
+
+def write_labels(path: str, data, attributes: dict[str, Any]) -> list[str]:
+    return _write(path, data, attributes, as_labels=True)
+
+
+def write_image(path: str, data, attributes: dict[str, Any]) -> list[str]:
+    return _write(path, data, attributes, as_labels=False)

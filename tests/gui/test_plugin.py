@@ -1,0 +1,508 @@
+"""The napari plugin end to end on real hippocampus MRI: manifest, reader, writer, sample data and the
+five dock widgets driven as a user would (clicks, under a virtual display)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy", reason="GUI tests need a Qt binding (pip install 'napari-semiseg[gui]')")
+pytest.importorskip("napari", reason="GUI tests need napari (pip install 'napari-semiseg[gui]')")
+
+from napari.layers import Image, Labels  # noqa: E402
+from qtpy.QtCore import Qt, QTimer  # noqa: E402
+
+from semiseg.checkpoint import read_meta  # noqa: E402
+from semiseg.io import read_volume  # noqa: E402
+from semiseg.metrics import case_metrics  # noqa: E402
+from semiseg.models import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "resources" / "hippocampus"
+SHARED = REPO.parent / "shared" / "data"
+
+pytestmark = pytest.mark.gui
+PLUGIN = "napari-semiseg"
+
+
+def assert_geometry(a, b, atol=1e-6):
+    np.testing.assert_allclose(a.spacing, b.spacing, rtol=0, atol=atol)
+    np.testing.assert_allclose(a.origin, b.origin, rtol=0, atol=atol)
+    np.testing.assert_allclose(a.direction, b.direction, rtol=0, atol=atol)
+
+
+def open_case(viewer, case_paths):
+    image_path, label_path = case_paths
+    image = viewer.open(str(image_path), plugin=PLUGIN)[0]
+    label = viewer.open(str(label_path), plugin=PLUGIN)[0]
+    return image, label
+
+
+def click(qtbot, button):
+    assert button.isEnabled(), button.text()
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def segment_widget(viewer, checkpoint):
+    from semiseg.napari.widgets import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    assert widget.model.choose(str(checkpoint))
+    widget.device.combo.setCurrentText("cpu")
+    return widget
+
+
+def wait_job(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: widget.job is not None and not widget.job.running, timeout=timeout)
+
+
+# Manifest -------------------------------------------------------------------------------------------
+
+
+def test_manifest_is_valid_and_shipped_with_the_package():
+    from npe2 import PluginManifest
+
+    root = REPO / "napari.yaml"
+    assert root.is_symlink() and root.resolve() == (REPO / "src" / "semiseg" / "napari" / "napari.yaml").resolve()
+    manifest = PluginManifest.from_distribution(PLUGIN)
+    assert manifest.name == PLUGIN
+    assert {w.display_name for w in manifest.contributions.widgets} == {"Segment", "Train", "Fine-tune on correction", "Review queue", "Export labels"}
+    assert {c.command for c in manifest.contributions.menus["napari/layers/segment"]} >= {"napari-semiseg.segment", "napari-semiseg.finetune"}
+    manifest.validate_imports()
+
+
+def test_widgets_are_in_the_layers_segment_menu(make_napari_viewer):
+    from napari._app_model import get_app_model
+
+    make_napari_viewer()
+    items = get_app_model().menus.get_menu("napari/layers/segment")
+    commands = {getattr(item, "command", None) and item.command.id for item in items}
+    assert {"napari-semiseg.segment", "napari-semiseg.finetune", "napari-semiseg.review", "napari-semiseg.train"} <= commands
+
+
+# Reader, writer, sample data ------------------------------------------------------------------------
+
+
+def test_reader_places_scan_and_labels_physically(make_napari_viewer, case_paths):
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    source = read_volume(case_paths[0])
+    assert isinstance(image, Image) and isinstance(label, Labels)
+    np.testing.assert_allclose(image.scale, source.geometry.spacing_zyx)
+    np.testing.assert_allclose(image.translate, source.geometry.origin_zyx)
+    np.testing.assert_array_equal(image.data, source.array)
+    assert image.metadata["geometry"] == source.geometry.to_dict()
+    assert image.metadata["source_path"] == str(case_paths[0])
+    np.testing.assert_allclose(label.scale, image.scale)
+    np.testing.assert_allclose(label.translate, image.translate)
+    assert label.metadata["image_path"] == str(case_paths[0])  # labelsTr/x -> imagesTr/x
+    assert label.metadata["class_names"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    assert set(np.unique(label.data)) == {0, 1, 2}
+
+
+def test_reader_opens_a_dicom_series_and_la_h5(make_napari_viewer):
+    dicom = SHARED / "samples" / "example_ct_dicom"
+    la = sorted((SHARED / "la").rglob("mri_norm2.h5"))
+    if not dicom.is_dir() or not la:
+        pytest.skip(f"shared data not found at {SHARED}")
+    viewer = make_napari_viewer()
+    [ct] = viewer.open(str(dicom), plugin=PLUGIN)
+    assert isinstance(ct, Image) and ct.data.shape == (20, 512, 512)
+    np.testing.assert_allclose(ct.scale, (2.0, 0.98, 0.98), atol=0.01)
+    image, label = viewer.open(str(la[0]), plugin=PLUGIN)
+    assert isinstance(image, Image) and isinstance(label, Labels) and image.data.shape == label.data.shape
+    assert set(np.unique(label.data)) <= {0, 1}
+
+
+def test_reader_reports_a_corrupt_file_in_one_line(make_napari_viewer, tmp_path, monkeypatch):
+    import semiseg.napari._reader as reader
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    assert reader.get_reader(str(broken)) is not None
+    assert reader.read_paths(str(broken)) == []
+    assert len(shown) == 1 and "\n" not in shown[0] and "broken.nii.gz" in shown[0]
+    assert reader.get_reader(str(tmp_path / "notes.txt")) is None
+
+
+def test_writer_restores_the_source_geometry(make_napari_viewer, case_paths, tmp_path):
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    label.data = (label.data > 0).astype(np.uint8) * 2
+    target = tmp_path / "mask.nii.gz"
+    written = label.save(str(target), plugin=PLUGIN)
+    assert written == [str(target)]
+    back = read_volume(target)
+    assert_geometry(back.geometry, read_volume(case_paths[0]).geometry)
+    np.testing.assert_array_equal(back.array, label.data)
+    # napari's save dialog has asked before replacing: the writer replaces, atomically.
+    label.data = np.zeros_like(label.data)
+    assert label.save(str(target), plugin=PLUGIN) == [str(target)]
+    assert not read_volume(target).array.any()
+    # ...but never writes over the scan the layer belongs to.
+    before = case_paths[0].read_bytes()
+    from semiseg.napari._writer import write_labels
+
+    assert write_labels(str(case_paths[0]), label.data, {"metadata": label.metadata, "name": label.name}) == []
+    assert case_paths[0].read_bytes() == before
+
+
+def test_sample_data_opens_image_and_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample(PLUGIN, "hippocampus")
+    image, label = layers
+    assert isinstance(image, Image) and isinstance(label, Labels)
+    assert image.data.shape == label.data.shape == (35, 51, 35)
+    assert label.metadata["class_names"]["1"] == "Anterior"
+
+
+# Segment ----------------------------------------------------------------------------------------------
+
+
+def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_viewer, qtbot, checkpoint, case_paths, messages, monkeypatch):
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    widget = segment_widget(viewer, checkpoint)
+    widget.image.set_layer(image)
+    widget.reference.set_layer(label)
+    ticks, finished = [], []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    done = widget._done
+    monkeypatch.setattr(widget, "_done", lambda *args: (finished.append(time.perf_counter()), done(*args)))
+    timer.start(10)
+    started = time.perf_counter()
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    timer.stop()
+    assert messages["error"] == []
+
+    # While the model worked (click -> result back in the GUI thread), the Qt event loop kept
+    # serving a 10 ms timer: the work is in a thread, never in the GUI's.
+    working = [t for t in ticks if t <= finished[0]]
+    gaps = np.diff([started] + working + [finished[0]])
+    assert len(working) >= 0.3 * (finished[0] - started) / 0.010, (len(working), finished[0] - started)
+    assert gaps.max() < 0.5, gaps.max()
+
+    prediction = viewer.layers[f"{image.name} prediction"]
+    entropy = viewer.layers[f"{image.name} entropy"]
+    disagreement = viewer.layers[f"{image.name} disagreement"]
+    errors = viewer.layers[f"{image.name} errors"]
+    assert isinstance(prediction, Labels) and isinstance(errors, Labels)
+    for layer in (prediction, entropy, disagreement, errors):
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+        assert layer.data.shape == image.data.shape
+    assert set(np.unique(prediction.data)) <= {0, 1, 2}
+    meta = read_meta(checkpoint)
+    assert prediction.metadata["checkpoint_sha256"] == meta["weights_sha256"]
+    assert prediction.metadata["class_names"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    for layer in (entropy, disagreement):
+        assert not layer.visible and layer.colormap.name == "magma"
+        assert tuple(layer.contrast_limits) == (0.0, 1.0) and 0 < layer.opacity < 1
+        assert 0.0 <= layer.data.min() and layer.data.max() <= 1.0
+
+    # Error map: 1 false positive, 2 false negative, 3 wrong class -- against numpy.
+    pred, ref = np.asarray(prediction.data), np.asarray(label.data)
+    assert int((errors.data == 1).sum()) == int(((pred > 0) & (ref == 0)).sum())
+    assert int((errors.data == 2).sum()) == int(((pred == 0) & (ref > 0)).sum())
+    assert int((errors.data == 3).sum()) == int(((pred > 0) & (ref > 0) & (pred != ref)).sum())
+    assert int((errors.data == 0).sum()) == int((pred == ref).sum())
+    assert errors.colormap.map(np.array([1]))[0].tolist() != errors.colormap.map(np.array([2]))[0].tolist()
+
+    # Per-class table, with the scan's spacing.
+    expected = case_metrics(pred, ref, [1, 2], read_volume(case_paths[0]).geometry.spacing_zyx)
+    assert widget.table.isVisibleTo(widget) and widget.table.rowCount() == 2
+    for row, class_id in enumerate((1, 2)):
+        assert widget.table.item(row, 0).text() == {1: "Anterior", 2: "Posterior"}[class_id]
+        assert widget.table.item(row, 1).text() == f"{expected[class_id]['dice']:.3f}"
+    print(f"\nclick to prediction on CPU: {widget.last_seconds:.2f} s")
+
+    # Segmenting again updates the unedited prediction in place; an edited one is kept.
+    edited = np.array(prediction.data)
+    edited[10:20, 20:30, 10:20] = 2
+    prediction.data = edited
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    np.testing.assert_array_equal(prediction.data, edited)  # the user's edit survived
+    assert f"{image.name} prediction [1]" in viewer.layers
+
+
+def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, case_paths, messages):
+    viewer = make_napari_viewer()
+    widget = segment_widget(viewer, checkpoint)
+    click(qtbot, widget.buttons.start)  # no scan yet: a message, no traceback
+    assert len(messages["error"]) == 1 and "open a scan" in messages["error"][0]
+    image, _ = open_case(viewer, case_paths)
+    widget.image.set_layer(image)
+    widget.tta.setChecked(True)  # 8 passes: long enough to cancel in the middle
+    layers_before = len(viewer.layers)
+    click(qtbot, widget.buttons.start)
+    qtbot.waitUntil(lambda: widget.buttons.progress.value() > 0, timeout=30_000)
+    click(qtbot, widget.buttons.cancel)
+    cancelled_at = time.perf_counter()
+    wait_job(qtbot, widget, timeout=10_000)
+    assert time.perf_counter() - cancelled_at < 5
+    assert "cancelled" in widget.buttons.status.text()
+    assert len(viewer.layers) == layers_before
+    assert widget.buttons.start.isEnabled()
+
+
+# Fine-tune --------------------------------------------------------------------------------------------
+
+
+def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_napari_viewer, qtbot, checkpoint, case_paths,
+                                                                         unlabeled_folder, tmp_path, messages):
+    from semiseg.napari.widgets import FineTuneWidget
+
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    segment = segment_widget(viewer, checkpoint)
+    segment.image.set_layer(image)
+    click(qtbot, segment.buttons.start)
+    wait_job(qtbot, segment)
+    prediction = viewer.layers[f"{image.name} prediction"]
+    entropy = viewer.layers[f"{image.name} entropy"]
+    entropy_before = np.array(entropy.data)
+    # The user's correction: the reference outline painted into a new labels layer.
+    correction = viewer.add_labels(np.array(label.data), name="my correction", scale=image.scale, translate=image.translate)
+
+    widget = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    widget.image.set_layer(image)
+    widget.labels.set_layer(correction)
+    assert widget.model.path() == str(checkpoint)
+    widget.folder.set_text(str(unlabeled_folder))
+    widget.iterations.setValue(3)
+    widget.device.combo.setCurrentText("cpu")
+    output = tmp_path / "fine-tuning"
+    widget.output.set_text(str(output))
+    click(qtbot, widget.buttons.start)
+    # Saved before the training process even started.
+    saved = sorted((output / "corrections").glob("hippocampus_001_correction_*.nii.gz"))
+    assert len(saved) == 1 and widget.process is not None
+    corrected = read_volume(saved[0])
+    np.testing.assert_array_equal(corrected.array, label.data)
+    assert_geometry(corrected.geometry, read_volume(case_paths[0]).geometry)
+    qtbot.waitUntil(lambda: widget.job is not None and not widget.job.running, timeout=150_000)
+    assert messages["error"] == [], messages
+
+    new = widget.new_checkpoint
+    assert new and Path(new).parent.parent == output and load_model(new).meta["iteration"] == 3
+    log = [json.loads(line) for line in (Path(new).parent / "log.jsonl").read_text().splitlines()]
+    assert saved[0].stat().st_mtime <= log[0]["time"]
+    assert log[0]["config"]["initial_checkpoint"] == str(checkpoint)
+    assert log[0]["config"]["extra_labeled"] == [[str(case_paths[0]), str(saved[0])]]
+    dataset = next(e for e in log if e["type"] == "dataset")
+    assert (dataset["labeled"], dataset["unlabeled"]) == (1, 3)
+    assert widget.session.checkpoint == new  # selected for Segment
+    assert segment.model.path() == new
+    # The prediction layer now holds the fine-tuned model's prediction.
+    assert viewer.layers[f"{image.name} prediction"] is prediction
+    assert prediction.metadata["checkpoint"] == new
+    assert prediction.metadata["checkpoint_sha256"] == read_meta(new)["weights_sha256"]
+    assert not np.allclose(entropy.data, entropy_before)
+    np.testing.assert_array_equal(correction.data, label.data)  # the correction itself is untouched
+
+    # Saving again (same second even) never overwrites the earlier correction.
+    from semiseg.napari.finetune import save_correction
+
+    again = [save_correction(corrected, output, image.name) for _ in range(2)]
+    assert len({saved[0], *again}) == 3 and read_volume(saved[0]).array.tolist() == corrected.array.tolist()
+
+
+# Review queue -----------------------------------------------------------------------------------------
+
+
+def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_viewer, qtbot, checkpoint, unlabeled_folder, messages):
+    from semiseg.napari.widgets import ReviewWidget
+
+    viewer = make_napari_viewer()
+    widget = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Review")
+    assert widget.model.choose(str(checkpoint))
+    widget.device.combo.setCurrentText("cpu")
+    widget.folder.set_text(str(unlabeled_folder))
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    assert messages["error"] == []
+    entries = widget.queue.entries
+    scores = [e.score for e in entries]
+    assert len(entries) == 3 and scores == sorted(scores, reverse=True)
+    assert widget.table.rowCount() == 3 and widget.table.item(0, 1).text() == entries[0].name
+
+    click(qtbot, widget.open_next)
+    first = viewer.layers[entries[0].name]
+    prediction = viewer.layers[f"{entries[0].name} prediction"]
+    assert isinstance(first, Image) and isinstance(prediction, Labels)
+    np.testing.assert_allclose(prediction.scale, first.scale)
+    assert entries[0].reviewed and widget.table.item(0, 3).text() == "✓"
+    click(qtbot, widget.open_next)
+    assert f"{entries[1].name} prediction" in viewer.layers and entries[1].reviewed and not entries[2].reviewed
+    # The queue's score is the engine's: Prediction.uncertainty_score() of that scan.
+    from semiseg.inference import predict_volume
+    import torch
+
+    model = load_model(checkpoint)
+    expected = predict_volume(read_volume(entries[2].scan), model.plan, model.predictors(), torch.device("cpu")).uncertainty_score()
+    assert entries[2].score == pytest.approx(expected, rel=1e-5)
+
+
+# Export -----------------------------------------------------------------------------------------------
+
+
+def test_export_writes_source_geometry_and_checkpoint_hash_and_asks_before_replacing(make_napari_viewer, qtbot, checkpoint, case_paths,
+                                                                                     tmp_path, monkeypatch, messages):
+    from semiseg.napari.widgets import ExportWidget
+
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    segment = segment_widget(viewer, checkpoint)
+    segment.image.set_layer(image)
+    click(qtbot, segment.buttons.start)
+    wait_job(qtbot, segment)
+    widget = ExportWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Export")
+    names = [widget.list.item(i).text() for i in range(widget.list.count())]
+    assert names == ["hippocampus_001 labels", "hippocampus_001 prediction"]
+    assert widget.list.item(1).checkState() == Qt.CheckState.Checked  # predictions are checked by default
+    folder = tmp_path / "export"
+    widget.folder.set_text(str(folder))
+    click(qtbot, widget.export_checked)
+    target = folder / "hippocampus_001_prediction.nii.gz"
+    back = read_volume(target)
+    source = read_volume(case_paths[0])
+    assert_geometry(back.geometry, source.geometry, atol=1e-6)
+    np.testing.assert_array_equal(back.array, viewer.layers["hippocampus_001 prediction"].data)
+    sidecar = json.loads((folder / "hippocampus_001_prediction.json").read_text())
+    meta = json.loads((Path(checkpoint) / "model.json").read_text())
+    assert sidecar["checkpoint"]["path"] == str(checkpoint)
+    assert sidecar["checkpoint"]["weights_sha256"] == meta["weights_sha256"]
+    assert sidecar["source_image"] == str(case_paths[0])
+    assert sidecar["edited_after_prediction"] is False
+
+    # Never overwrite without asking: "No" keeps the files, "Yes" replaces them.
+    before = target.read_bytes()
+    asked = []
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda paths: asked.append(paths) or False)
+    layer = viewer.layers["hippocampus_001 prediction"]
+    layer.data = np.ones_like(layer.data)
+    click(qtbot, widget.export_checked)
+    assert asked and target.read_bytes() == before
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda paths: True)
+    click(qtbot, widget.export_all)
+    assert read_volume(target).array.all()
+    assert json.loads((folder / "hippocampus_001_prediction.json").read_text())["edited_after_prediction"] is True
+    labels_back = read_volume(folder / "hippocampus_001_labels.nii.gz")
+    np.testing.assert_array_equal(labels_back.array, read_volume(case_paths[1]).array)
+    assert json.loads((folder / "hippocampus_001_labels.json").read_text())["checkpoint"] is None
+    assert messages["error"] == []
+
+
+# Train ------------------------------------------------------------------------------------------------
+
+
+def train_widget(viewer, tmp_path, iterations, validation=0):
+    from semiseg.napari.widgets import TrainWidget
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train")
+    widget.data.set_text(str(SAMPLE))
+    widget.method.setCurrentText("supervised")
+    widget.network_options.setText("base_filters=4")
+    widget.labeled.setText("2")
+    widget.validation.setValue(validation)
+    widget.iterations.setValue(iterations)
+    widget.validate_every.setValue(2)
+    widget.workers.setValue(0)
+    widget.device.combo.setCurrentText("cpu")
+    widget.output.set_text(str(tmp_path / "train-run"))
+    return widget
+
+
+def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewer, qtbot, tmp_path, messages):
+    viewer = make_napari_viewer()
+    widget = train_widget(viewer, tmp_path, iterations=4, validation=1)
+    qtbot.waitUntil(lambda: "labeled" in widget.found.text(), timeout=30_000)
+    assert "12 labeled, 8 unlabeled" in widget.found.text() and "spacing" in widget.found.text()
+    click(qtbot, widget.buttons.start)
+    qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
+    assert messages["error"] == [], messages
+    best = str(tmp_path / "train-run" / "best")
+    assert widget.session.checkpoint == best
+    assert [p for p in widget.view.sparkline.points] and len(widget.view.sparkline.points) == 2  # validated at 2 and 4
+    assert "iteration 4/4" in widget.buttons.status.text() or "finished" in widget.buttons.status.text()
+    assert load_model(best).meta["iteration"] == 4
+    from semiseg.napari.widgets import SegmentWidget
+
+    segment = SegmentWidget(viewer)
+    assert best in [segment.model.combo.itemData(i) for i in range(segment.model.combo.count())]
+    assert segment.model.path() == best
+
+
+def test_train_cancel_stops_cleanly_with_a_loadable_checkpoint(make_napari_viewer, qtbot, tmp_path, messages):
+    viewer = make_napari_viewer()
+    widget = train_widget(viewer, tmp_path, iterations=5000)
+    click(qtbot, widget.buttons.start)
+    qtbot.waitUntil(lambda: "iteration" in widget.buttons.status.text(), timeout=120_000)
+    click(qtbot, widget.buttons.cancel)
+    cancelled_at = time.perf_counter()
+    qtbot.waitUntil(lambda: not widget.process.running, timeout=30_000)
+    stopped_in = time.perf_counter() - cancelled_at
+    assert stopped_in < 10, stopped_in
+    qtbot.waitUntil(lambda: widget.buttons.start.isEnabled(), timeout=10_000)
+    assert widget.process.process.returncode == 0 and messages["error"] == []
+    last = tmp_path / "train-run" / "last"
+    model = load_model(last)
+    assert 1 <= model.meta["iteration"] < 5000
+    log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["type"] == "cancelled"
+    assert widget.session.checkpoint == str(tmp_path / "train-run" / "best")
+    print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.meta['iteration']}")
+
+
+def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
+    from semiseg.napari.widgets import ExportWidget, FineTuneWidget, TrainWidget
+
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    segment = segment_widget(viewer, checkpoint)
+    segment.image.set_layer(image)
+    wrong = viewer.add_labels(np.zeros((3, 4, 5), np.uint8), name="elsewhere")
+    segment.reference.set_layer(wrong)
+    click(qtbot, segment.buttons.start)
+    assert segment.job is None and "shape" in messages["error"][-1]
+
+    train = TrainWidget(viewer)
+    click(qtbot, train.buttons.start)
+    assert "dataset folder" in messages["error"][-1]
+    train.data.set_text(str(SAMPLE))
+    train.output.set_text(str(Path(checkpoint).parent))  # holds a run
+    click(qtbot, train.buttons.start)
+    assert "already holds a training run" in messages["error"][-1] and train.process is None
+
+    finetune = FineTuneWidget(viewer)
+    finetune.image.set_layer(image)
+    finetune.labels.set_layer(label)
+    click(qtbot, finetune.buttons.start)
+    assert "folder of unlabeled scans" in messages["error"][-1]
+    finetune.folder.set_text(str(SAMPLE / "imagesTs"))
+    finetune.output.set_text(str(tmp_path / "ft"))
+    label.data = np.where(label.data > 0, 7, 0).astype(np.uint8)
+    click(qtbot, finetune.buttons.start)
+    assert "label value(s) 7" in messages["error"][-1] and not (tmp_path / "ft").exists()
+
+    export = ExportWidget(viewer)
+    for i in range(export.list.count()):
+        export.list.item(i).setCheckState(Qt.CheckState.Unchecked)
+    export.folder.set_text(str(tmp_path / "out"))
+    click(qtbot, export.export_checked)
+    assert "no label layer to export" in messages["error"][-1]
+    assert all("\n" not in text for text in messages["error"]) and len(messages["error"]) == 6

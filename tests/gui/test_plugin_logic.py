@@ -1,0 +1,126 @@
+"""The plugin's Qt-free logic: layer geometry, error maps, progress accounting, fine-tuning configs,
+and the training process's clean stop when its parent goes away."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semiseg.errors import InputError, OutputExistsError
+from semiseg.io import Geometry, Volume, read_volume
+from semiseg.models import load_model
+from semiseg.napari import jobs
+from semiseg.napari.export import ExportItem, export
+from semiseg.napari.finetune import FineTuneRequest, finetune_config
+from semiseg.napari.layers import error_map, geometry_from, labels_array, looks_like_labels
+from semiseg.training import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "resources" / "hippocampus"
+
+
+def test_geometry_comes_from_metadata_and_refuses_a_changed_shape():
+    geometry = Geometry((0.8, 0.7, 2.5), (-10.0, 5.0, 3.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    metadata = {"geometry": geometry.to_dict(), "shape": [4, 5, 6]}
+    assert geometry_from(metadata, (4, 5, 6), scale=(1, 1, 1)) == geometry  # the display scale does not matter
+    with pytest.raises(InputError, match="no longer matches"):
+        geometry_from(metadata, (4, 5, 7))
+    plain = geometry_from({}, (4, 5, 6), scale=(2.5, 0.7, 0.8), translate=(3.0, 5.0, -10.0))
+    assert plain.spacing == (0.8, 0.7, 2.5) and plain.origin == (-10.0, 5.0, 3.0)
+
+
+def test_label_detection_and_label_types(tmp_path):
+    image = read_volume(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz").array
+    assert not looks_like_labels(tmp_path / "scan.nii.gz", image)
+    assert looks_like_labels(tmp_path / "scan.nii.gz", (image > 100).astype(np.uint8))
+    assert looks_like_labels(tmp_path / "labelsTr" / "x.nii.gz", image)  # a labels* folder decides
+    assert not looks_like_labels(tmp_path / "labelsTr" / "x.nii.gz", image.astype(np.float32) + 0.5)
+    assert labels_array(np.array([[[0.0, 2.0]]])).dtype == np.uint8
+    assert labels_array(np.array([[[0, 300]]])).dtype == np.uint16
+    with pytest.raises(InputError):
+        labels_array(np.array([[[0, -1]]]))
+
+
+def test_error_map_classes():
+    prediction = np.array([[[0, 1, 1, 2, 0]]])
+    reference = np.array([[[0, 0, 1, 1, 2]]])
+    assert error_map(prediction, reference).tolist() == [[[0, 1, 0, 3, 2]]]
+
+
+def test_progress_counts_every_sliding_window_batch(checkpoint):
+    model = load_model(checkpoint)
+    volume = read_volume(SAMPLE / "imagesTr" / "hippocampus_004.nii.gz")
+    for tta in (False, True):
+        events = []
+        jobs.segment(volume, model, torch.device("cpu"), tta=tta, progress=events.append)
+        predicting = [e for e in events if e["stage"] == "predicting" and e["fraction"] > 0]
+        assert len(predicting) == jobs.expected_calls(volume, model.plan, 2, 0.5, tta)
+        assert events[-1]["fraction"] == 1.0
+
+
+def test_cancel_stops_inside_the_sliding_window(checkpoint):
+    model = load_model(checkpoint)
+    volume = read_volume(SAMPLE / "imagesTr" / "hippocampus_004.nii.gz")
+    calls = []
+    with pytest.raises(jobs.Cancelled):
+        jobs.segment(volume, model, torch.device("cpu"), tta=True, progress=calls.append, should_stop=lambda: len(calls) > 3)
+    assert len(calls) < jobs.expected_calls(volume, model.plan, 2, 0.5, True)
+
+
+def test_finetune_configs_choose_labeled_and_unlabeled_scans(checkpoint, tmp_path, unlabeled_folder):
+    image = str(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz")
+    base = dict(checkpoint=str(checkpoint), image_path=image, label_path=str(tmp_path / "c.nii.gz"), iterations=7)
+    # A folder of scans without labels: all unlabeled; the correction is the labeled case.
+    config = finetune_config(FineTuneRequest(folder=str(unlabeled_folder), output=str(tmp_path / "a"), **base))
+    assert config.data == str(unlabeled_folder) and config.unlabeled == [] and config.initial_checkpoint == str(checkpoint)
+    assert config.extra_labeled == [(image, str(tmp_path / "c.nii.gz"))] and config.iterations == 7
+    assert (config.network, config.network_options, config.method) == ("vnet", {"base_filters": 4}, "mean-teacher")
+    # A dataset with labels, used: its labeled cases except the corrected scan.
+    config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "b"), **base))
+    listed = Path(config.labeled).read_text().split()
+    assert len(listed) == 11 and "hippocampus_001" not in listed and config.data == str(SAMPLE)
+    # ...not used: every scan of the dataset unlabeled.
+    config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "c"), use_folder_labels=False, **base))
+    assert sorted(Path(p).name for p in config.unlabeled) == ["imagesTr", "imagesTs"] and not any(Path(config.data).iterdir())
+
+
+def test_export_refuses_to_overwrite_unless_asked(tmp_path):
+    volume = Volume(np.ones((2, 3, 4), np.uint8), Geometry((0.5, 0.5, 2.0)))
+    item = ExportItem("a/b: labels", volume, {"role": "correction"})
+    [written] = export([item], tmp_path)
+    assert written.name == "a_b__labels.nii.gz"
+    with pytest.raises(OutputExistsError):
+        export([item], tmp_path)
+    assert export([item], tmp_path, overwrite=True) == [written]
+    assert json.loads((tmp_path / "a_b__labels.json").read_text())["checkpoint"] is None
+
+
+def test_training_process_stops_cleanly_when_its_parent_goes_away(tmp_path):
+    """The plugin's process dying closes the child's stdin: the child stops as on Cancel, saving
+    its last checkpoint (it never keeps training unattended, never leaves a half-written one)."""
+    from semiseg.napari.training_process import TrainingProcess
+
+    config = TrainConfig(data=str(SAMPLE), output=str(tmp_path / "run"), method="supervised", network_options={"base_filters": 4},
+                         labeled="1", iterations=5000, log_every=1, validate_every=100_000, workers=0, device="cpu")
+    process = TrainingProcess(config)
+    process.start()
+    events: list[dict] = []
+    deadline = time.monotonic() + 120
+    while not any(e["type"] == "iteration" for e in events) and time.monotonic() < deadline:
+        events += process.poll()
+        time.sleep(0.1)
+    assert any(e["type"] == "iteration" for e in events), events
+    process.process.stdin.close()
+    closed = time.monotonic()
+    assert process.wait(timeout=30) == 0
+    assert time.monotonic() - closed < 15
+    events += process.poll()
+    kinds = [e["type"] for e in events]
+    assert "cancelled" in kinds and kinds[-1] == "exit"
+    assert 1 <= load_model(tmp_path / "run" / "last").meta["iteration"] < 5000
+    process.close()
