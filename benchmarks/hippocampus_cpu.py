@@ -5,7 +5,7 @@ labeled and the rest is used unlabeled (its labels ignored). Every run trains fo
 iterations, then its last checkpoint is evaluated on the 40 validation cases on their own grids
 (Dice, Jaccard, HD95, ASD in mm, medpy semantics). Each run is a child process so that its peak
 memory is its own. Results are appended to benchmarks/results/hippocampus_cpu.json (a list of runs;
-a run with the same method, labeled fraction, seed and variant replaces the old one) and rendered
+a run with the same method, network, labeled fraction, seed and variant replaces the old one) and rendered
 to hippocampus_cpu.md and hippocampus_cpu_curves.png.
 
   python benchmarks/hippocampus_cpu.py --runs supervised:0.1 mean-teacher:0.1 cps:0.1 supervised:1.0
@@ -68,7 +68,7 @@ def run_one(spec: dict, queue) -> None:
     iterations = [e for e in events if e["type"] == "iteration"]
     result = {
         "method": spec["method"], "variant": spec["variant"], "labeled": spec["labeled"], "seed": spec["seed"],
-        "iterations": spec["iterations"], "network": spec["network"], "network_options": spec["network_options"],
+        "iterations": spec["iterations"], "threads": spec["threads"], "network": spec["network"], "network_options": spec["network_options"],
         "options": spec["options"], "optimizer": spec["optimizer"], "lr": spec["lr"],
         "labeled_cases": len(model.meta["split"]["labeled"]), "unlabeled_cases": len(model.meta["split"]["unlabeled"]),
         "validation_cases": len(rows),
@@ -100,20 +100,22 @@ def render(runs: list[dict]) -> None:
         "mean ± sd over cases (sd of the per-case class mean); HD95/ASD in mm. Reproduce with",
         "`python benchmarks/hippocampus_cpu.py` (see its docstring).",
         "",
-        "| method | labeled | seed | iterations | Dice | Dice anterior | Dice posterior | Jaccard | HD95 (mm) | ASD (mm) | s/iter | peak MB | infer s/vol |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | network | params | labeled | seed | iterations | Dice | Dice anterior | Dice posterior | Jaccard | HD95 (mm) | ASD (mm) | s/iter (threads) | peak MB | infer s/vol |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["labeled"], r["method"], r["variant"], r["seed"])):
+        network = r["network"] + "".join(f" {k}={v}" for k, v in r["network_options"].items())
         per_class = list(r["dice_per_class"].values())
         name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         lines.append(
-            f"| {name} | {r['labeled'] * 100:g}% | {r['seed']} | {r['iterations']} | {r['dice_mean']:.4f} ± {r['dice_sd']:.4f} | "
+            f"| {name} | {network} | {r['parameters'] / 1e6:.2f} M | {r['labeled'] * 100:g}% | {r['seed']} | {r['iterations']} | {r['dice_mean']:.4f} ± {r['dice_sd']:.4f} | "
             f"{per_class[0][0]:.4f} | {per_class[1][0]:.4f} | {r['jaccard_mean']:.4f} ± {r['jaccard_sd']:.4f} | "
             f"{r['hd95_mean']:.2f} ± {r['hd95_sd']:.2f} | {r['asd_mean']:.2f} ± {r['asd_sd']:.2f} | "
-            f"{r['sec_per_iter']:.3f} | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
+            f"{r['sec_per_iter']:.3f} ({r.get('threads', 2)}) | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
         )
-    machine = runs[-1].get("machine", "")
-    lines += ["", f"Machine: {machine}", "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", ""]
+    machines = sorted({r["machine"] for r in runs if r.get("machine")})
+    lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
+              "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", ""]
     (RESULTS / "hippocampus_cpu.md").write_text("\n".join(lines))
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in runs:
@@ -153,7 +155,7 @@ def main() -> int:
         import platform
         import os
 
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, Python {platform.python_version()}"
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         network_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.network_option)}
         for seed in args.seeds:
             for run in args.runs:
@@ -176,8 +178,8 @@ def main() -> int:
                 child.join()
                 result["machine"] = machine
                 print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-                key = (result["method"], result["labeled"], result["seed"], result["variant"])
-                runs = [r for r in runs if (r["method"], r["labeled"], r["seed"], r["variant"]) != key] + [result]
+                identity = ("method", "network", "labeled", "seed", "variant")
+                runs = [r for r in runs if any(r[k] != result[k] for k in identity)] + [result]
                 results_path.write_text(json.dumps(runs, indent=1))
                 render(runs)
     render(runs)

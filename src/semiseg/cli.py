@@ -243,17 +243,20 @@ def _train(args: argparse.Namespace) -> int:
             tqdm.write(("cancelled" if kind == "cancelled" else "finished") + f" at iteration {event['iteration']}; model: {event['checkpoint']}")
 
     out = Path(args.out)
+    # Under torchrun only rank 0 touches the output folder; the other ranks follow its decisions.
+    owns_output = int(os.environ.get("RANK", "0")) == 0
     # --overwrite: keep the old run aside until the new one has written a checkpoint, so that a
     # new run failing at its start (bad data, bad option) does not cost the old one.
-    replaced = _set_aside(out) if args.overwrite and not args.resume else {}
+    replaced = _set_aside(out) if owns_output and args.overwrite and not args.resume else {}
     before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
         train(config, on_event, lambda: stop["asked"])
     except BaseException as error:
-        started = (out / "last").exists()
-        _remove_new_output(out, before)
-        _restore_aside(replaced, keep_new=started)
+        if owns_output:
+            started = (out / "last").exists()
+            _remove_new_output(out, before)
+            _restore_aside(replaced, keep_new=started)
         if isinstance(error, RuntimeError) and _out_of_gpu_memory(error):
             raise InputError("out of GPU memory; lower --batch-size or --patch (or --network-option base_filters=8)") from None
         raise

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from semiseg.devices import resolve_device
+
+if TYPE_CHECKING:
+    from semiseg.methods.base import Method
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,21 @@ def stop(distribution: Distribution) -> None:
         dist.destroy_process_group()
 
 
-def wrap(method: nn.Module, distribution: Distribution, device: torch.device) -> nn.Module:
+def wrap(method: "Method", distribution: Distribution, device: torch.device) -> nn.Module:
     """DistributedDataParallel over the whole method: its forward is the training step."""
     if not distribution.enabled:
         return method
     from torch.nn.parallel import DistributedDataParallel
 
+    if device.type == "cuda":
+        # Batch statistics over the global batch: 3D patches leave 1-2 per GPU. (SyncBatchNorm
+        # needs an accelerator; on CPU each rank normalises its own shard.)
+        nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
     return DistributedDataParallel(
         method,
         device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=getattr(method, "find_unused_parameters", False),
+        find_unused_parameters=method.find_unused_parameters,
     )
 
 

@@ -63,8 +63,6 @@ def predict_probabilities(
     try:
         total = run(sw_batch_size, _sums_device(x, len(predictors), device))
     except torch.OutOfMemoryError:
-        if device.type == "cpu":
-            raise
         _empty_cache(device)
         logger.warning("out of %s memory: predicting again one window at a time, summing on the CPU", device)
         try:

@@ -69,6 +69,16 @@ class TrainConfig:
     extra_labeled: list[tuple[str, str]] = field(default_factory=list)  # (image, label) pairs added as labeled
 
 
+def _drop_partial_last_line(log: Path) -> None:
+    """A run killed while writing its log leaves half a line; the resumed run's lines must not join it."""
+    if not log.exists():
+        return
+    with open(log, "rb+") as handle:
+        text = handle.read()
+        if text and not text.endswith(b"\n"):
+            handle.truncate(text.rfind(b"\n") + 1)
+
+
 class Cancelled(Exception):
     pass
 
@@ -99,6 +109,7 @@ class Trainer:
         if config.resume:
             if not (self.output / "last").exists():
                 raise InputError(f"{self.output}: nothing to resume (no last/ checkpoint there)")
+            _drop_partial_last_line(self.log_path)
         elif has_checkpoint:
             if not config.overwrite:
                 raise OutputExistsError(f"{self.output} already holds a training run; use --resume to continue it or --overwrite to replace it")
@@ -317,7 +328,7 @@ class Trainer:
         improved = dice > self.best
         if improved:
             self.best = dice
-        self.emit({"type": "validation", "iteration": self.iteration, "dice_mean": dice,
+        self.emit({"type": "validation", "iteration": self.iteration, "dice_mean": dice, "cases": len(per_case),
                    "dice_per_class": dict(zip(names, per_class.tolist())), "best": improved})
         self._save("last", with_training_state=True)
         if improved:

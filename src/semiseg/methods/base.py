@@ -61,6 +61,8 @@ class Method(nn.Module):
     uses_unlabeled: ClassVar[bool] = True
     # Sliding-window overlap inference should use unless the user sets one (predict --overlap).
     inference_overlap: ClassVar[float] = 0.5
+    # For DistributedDataParallel: True when a training step leaves some parameters without gradient.
+    find_unused_parameters: ClassVar[bool] = False
     # Method options with their defaults; `semiseg methods` prints them, checkpoints record them.
     defaults: ClassVar[dict[str, Any]] = {}
 

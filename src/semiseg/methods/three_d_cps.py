@@ -66,6 +66,7 @@ class ThreeDCrossPseudoSupervision(Method):
     name = "3d-cps"
     summary = "Two nnU-Nets with own optimizers, Dice+CE cross pseudo supervision, lambda linear to 0.5 (Huang et al.)."
     inference_overlap = 0.3  # nnU-Net's step 0.7 of the patch
+    find_unused_parameters = True  # the lowest deep-supervision head has weight 0, as in nnU-Net
     defaults = {
         "cps_weight": 0.5,  # lambda after the ramp, Sec. 2.2
         "rampup": 0.5,  # fraction of the run over which lambda rises linearly from 0
