@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="semiseg: %(message)s", level=logging.WARNING)
+    # File names that are not UTF-8 must print escaped, not stop the command.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info}[args.command]
     try:
         return handler(args) or 0

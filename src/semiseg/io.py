@@ -12,7 +12,10 @@ import os
 import re
 import secrets
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +104,31 @@ def strip_suffix(path: str | os.PathLike) -> str:
 
 
 def is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    if not path.is_dir():
+        return False
+    with _itk_name(path) as name:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 byte kept by Python as a lone surrogate
+        return False
+    return True
+
+
+@contextmanager
+def _itk_name(path: Path) -> Iterator[str]:
+    """A name SimpleITK can open for path. ITK aborts the process on a file name that is not valid
+    UTF-8, so such a path is reached through a temporary symbolic link with a plain name."""
+    if _utf8(str(path)):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="semiseg-") as folder:
+        link = Path(folder) / ("volume" + (volume_suffix(path) or ""))
+        os.symlink(os.fsencode(path.absolute()), link)
+        yield str(link)
 
 
 def read_volume(path: str | os.PathLike, dataset: str = "image") -> Volume:
@@ -122,26 +149,59 @@ def read_volume(path: str | os.PathLike, dataset: str = "image") -> Volume:
     return _checked(path, _read_sitk_file(path))
 
 
+def read_header(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, int]] | None:
+    """Geometry and (z, y, x) shape of a 3D volume file from its header alone; None when the
+    header cannot say (unreadable, not 3D, h5, a folder): read the volume then."""
+    path = Path(path)
+    if not path.is_file() or volume_suffix(path) in (None, ".h5"):
+        return None
+    with _itk_name(path) as name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None
+    if reader.GetDimension() != 3:
+        return None
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetSpacing(reader.GetSpacing())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetDirection(reader.GetDirection())
+    return Geometry.of_image(image), tuple(reversed(reader.GetSize()))
+
+
 def _read_sitk_file(path: Path) -> Volume:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise InputError(f"{path}: cannot read the header ({_first_line(error)})") from None
-    _check_header(path, reader.GetSize(), reader.GetNumberOfComponents())
-    suffix = volume_suffix(path)
-    if suffix in (".nii", ".nii.gz"):
-        _check_nifti_payload(path, suffix == ".nii.gz")
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise InputError(f"{path}: the file is corrupt or truncated ({_first_line(error)})") from None
+    with _itk_name(path) as name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise InputError(f"{_shown(path)}: cannot read the header ({_first_line(error)})") from None
+        _check_header(path, reader.GetSize(), reader.GetNumberOfComponents())
+        suffix = volume_suffix(path)
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_payload(path, suffix == ".nii.gz")
+        try:
+            image = reader.Execute()
+        except RuntimeError as error:
+            raise InputError(f"{_shown(path)}: the file is corrupt or truncated ({_first_line(error)})") from None
     return _volume_from_image(path, image)
 
 
+def _shown(path: Path) -> str:
+    """The path for a message, with undecodable bytes escaped so that printing it cannot fail."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _read_dicom_series(path: Path) -> Volume:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    with _itk_name(path) as name:
+        return _read_dicom_series_named(path, name)
+
+
+def _read_dicom_series_named(path: Path, name: str) -> Volume:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(name)
     if not series_ids:
         dcm_files = [entry for entry in path.iterdir() if entry.suffix.lower() == ".dcm"]
         if dcm_files:
@@ -150,7 +210,7 @@ def _read_dicom_series(path: Path) -> Volume:
             )
         raise InputError(f"{path}: a folder with no DICOM series (give a volume file or a DICOM series folder)")
     # Several series in one folder: read the one with most slices, the usual acquisition.
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in series_ids), key=len)
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, sid) for sid in series_ids), key=len)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -176,7 +236,8 @@ def _read_h5(path: Path, dataset: str) -> Volume:
                 raise InputError(f"{path}: '{dataset}' has shape {data.shape}; expected a 3D volume")
             _check_header(path, tuple(reversed(data.shape)), 1)
             array = np.asarray(data[()])
-    except OSError as error:
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        # h5py reports damaged files through all of these (found by scripts/fuzz_readers.py).
         raise InputError(f"{path}: not a readable HDF5 file ({_first_line(error)})") from None
     # The LA benchmark stores (x, y, z); keep the project's (z, y, x) order. It carries no
     # spacing: distances on it are in voxels, as the papers report them.
@@ -373,6 +434,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
         raise InputError(f"{path.parent}: the output folder does not exist")
     image = _image_for_writing(volume, path)
     if suffix == ".mhd":
+        if not _utf8(str(path)):
+            raise InputError(f"{_shown(path)}: a MetaImage header cannot name its data file in a non-UTF-8 path; use .mha or .nii.gz")
         # An .mhd header names a raw file beside it: write both in place (no atomic pair rename).
         try:
             sitk.WriteImage(image, str(path), True)
@@ -381,7 +444,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
         return path
     temporary = _new_temporary(path, suffix)
     try:
-        sitk.WriteImage(image, str(temporary), True)
+        with _itk_name(temporary) as name:
+            sitk.WriteImage(image, name, True)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

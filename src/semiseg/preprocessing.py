@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from semiseg.datasets import Case, Dataset, Split
 from semiseg.errors import InputError
-from semiseg.io import Geometry, Volume, check_same_grid, read_volume
+from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_volume
 
 CT_PERCENTILES = (0.5, 99.5)
 VOXELS_SAMPLED_PER_SCAN = 20_000
@@ -175,21 +175,7 @@ def compute_plan(
 
 
 def _header(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
-    path = Path(case.image)
-    if path.is_file() and not path.name.endswith(".h5"):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return _header_by_reading(case)
-        if reader.GetDimension() == 3:
-            image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-            image.SetSpacing(reader.GetSpacing())
-            image.SetOrigin(reader.GetOrigin())
-            image.SetDirection(reader.GetDirection())
-            return Geometry.of_image(image), tuple(reversed(reader.GetSize()))
-    return _header_by_reading(case)
+    return read_header(case.image) or _header_by_reading(case)
 
 
 def _header_by_reading(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
@@ -224,7 +210,7 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
     # The token changes with the image file, the label file, and the classes the label is checked
     # against: an edited label or a changed class list must not reuse a stale cached label.
     token = hashlib.sha256(
-        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}".encode()
+        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}".encode(errors="surrogateescape")
     ).hexdigest()[:12]
     folder = cache_root() / "preprocessed" / plan.key()
     image_path = folder / f"{case.case_id}-{token}.image.npy"

@@ -172,21 +172,14 @@ def describe_dataset(folder: str) -> dict[str, Any]:
     """What a dataset folder holds, for the Train widget: the engine's description, counts, classes
     and the spacing of a few scans (read from their headers only)."""
     from semiseg.datasets import load_dataset
-    from semiseg.io import volume_suffix
+    from semiseg.io import read_header
 
     dataset = load_dataset(folder)
     spacings = []
     for case in dataset.cases[:5]:
-        if Path(case.image).is_file() and volume_suffix(case.image) not in (None, ".h5"):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(case.image)
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError:
-                continue
-            spacings.append(tuple(reversed(reader.GetSpacing()[:3])))
+        header = read_header(case.image)
+        if header is not None:
+            spacings.append(header[0].spacing_zyx)
     if spacings:
         spacing = " × ".join(f"{sum(s[i] for s in spacings) / len(spacings):.3g}" for i in range(3))
         spacing_text = f"spacing (z × y × x) ≈ {spacing} mm (first {len(spacings)} scans)"
