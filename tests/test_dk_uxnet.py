@@ -27,11 +27,6 @@ TINY_KMAX = {"queries": 6, "query_dim": 16, "ffn_dim": 32, "heads": 2, "layers_p
 SIZE = (16, 32, 16)  # the smallest UX-Net patch whose 1/16 map has more than one voxel (instance norm)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def _method(network: str = "uxnet", **options):
     torch.manual_seed(0)
     network_options = TINY_UXNET if network == "uxnet" else {"base_filters": 4}

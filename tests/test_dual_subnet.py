@@ -26,14 +26,11 @@ from semiseg.networks.resnet_segmenter import ResNetSegmenter
 from semiseg.preprocessing import read_case
 from semiseg.training import TrainConfig, train
 
+from batches import tiny_batch
+
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "hippocampus"
 TINY = {"base_filters": 4}
 TINY_RESNET = {"second_network_options": {"blocks": [1, 1, 1, 1]}}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _voxels(*rows: list[float]) -> torch.Tensor:
@@ -104,13 +101,6 @@ def test_resnet_subnet_matches_the_vnet_interface():
     assert blocks == [3, 4, 6, 3]  # ResNet-34
 
 
-def _tiny_batch(size: int = 16):
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 1, size, size, size, generator=generator)
-    label = torch.randint(0, 3, (2, 1, size, size, size), generator=generator)
-    return {"image": image, "label": label}, {"image": torch.randn(2, 1, size, size, size, generator=generator)}
-
-
 def _method(**options):
     torch.manual_seed(0)
     # T = 0 so that M_diff holds every disagreement of two untrained subnets.
@@ -122,7 +112,7 @@ def test_every_term_trains_both_subnets_and_the_ablations_drop_exactly_their_ter
     method = _method()
     assert isinstance(method.networks["subnet_b"], ResNetSegmenter)
     assert method.networks["subnet_b"].encoder_widths[0] == 4  # width follows the first subnet's
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     losses = method.training_step(labeled, unlabeled, StepInfo(50, 100))
     assert set(losses) == {"supervised", "unsupervised", "regularization", "contrastive"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses

@@ -20,31 +20,12 @@ from semiseg.networks.ffc import FourierUnit, SpectralEncoder
 from semiseg.preprocessing import read_case
 from semiseg.training import TrainConfig, train
 
+from batches import tiny_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "hippocampus"
 TINY = NetworkSpec("vnet", {"base_filters": 4})
 AFTER_PRETRAINING = StepInfo(50, 100)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine, two threads contending with other work run
-    # these small convolutions several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_batch(num_classes: int = 3, size: int = 16):
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 1, size, size, size, generator=generator)
-    label = torch.randint(0, num_classes, (2, 1, size, size, size), generator=generator)
-    return {"image": image, "label": label}, {"image": torch.randn(2, 1, size, size, size, generator=generator)}
 
 
 def _sscl(**options):
@@ -86,7 +67,7 @@ def test_spectral_encoder_transforms_every_level_and_changes_the_student(monkeyp
 
 def test_losses_are_finite_and_each_reaches_only_the_networks_the_paper_updates():
     method = _sscl()
-    losses = method.training_step(*_tiny_batch(), AFTER_PRETRAINING)
+    losses = method.training_step(*tiny_batch(), AFTER_PRETRAINING)
     assert set(losses) == {"reconstruction", "supervised", "unsupervised"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
     student, teacher, reconstruction = (method.networks[n] for n in ("student", "teacher", "reconstruction"))
@@ -124,9 +105,9 @@ def test_pseudo_label_loss_is_dice_ce_on_the_confident_voxels_only():
 
 def test_pretraining_stage_then_the_ema_formula():
     method = _sscl(ema_alpha=0.9, pretrain=0.2)
-    losses = method.training_step(*_tiny_batch(), StepInfo(19, 100))
+    losses = method.training_step(*tiny_batch(), StepInfo(19, 100))
     assert losses["unsupervised"] == 0 and losses["supervised"] > 0
-    assert method.training_step(*_tiny_batch(), StepInfo(20, 100))["unsupervised"] > 0
+    assert method.training_step(*tiny_batch(), StepInfo(20, 100))["unsupervised"] > 0
     assert [method.ema_alpha(StepInfo(i, 100)) for i in (0, 19, 20, 21, 22)] == [0.0, 0.0, 0.0, 0.5, pytest.approx(2 / 3)]
     assert method.ema_alpha(StepInfo(90, 100)) == 0.9
 
@@ -153,7 +134,7 @@ def test_ablation_switches_remove_exactly_their_modules():
     assert _parameters(no_ffc.networks["student"]) == vnet and no_ffc.networks["student"].spectral is None
     assert set(no_rec.networks) == set(neither.networks) == {"student", "teacher"}
     assert set(no_rec.optimizers()) == {"segmentation"}
-    assert set(no_rec.training_step(*_tiny_batch(), AFTER_PRETRAINING)) == {"supervised", "unsupervised"}
+    assert set(no_rec.training_step(*tiny_batch(), AFTER_PRETRAINING)) == {"supervised", "unsupervised"}
     assert _parameters(neither.networks["student"]) == vnet
     assert isinstance(full.predictors()["student"], CommonFeaturePredictor)
     assert isinstance(no_rec.predictors()["student"], SpatialSpectralNet) and len(no_rec.predictors()) == 1

@@ -20,30 +20,11 @@ from semiseg.networks.residual_unet import nnunet_strides
 from semiseg.preprocessing import read_case
 from semiseg.training import TrainConfig, train
 
+from batches import tiny_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "hippocampus"
 TINY = {"base_filters": 4, "downsamplings": 2}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine, two threads contending with other work run
-    # these small convolutions several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_batch(num_classes: int = 3, size: int = 16):
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 1, size, size, size, generator=generator)
-    label = torch.randint(0, num_classes, (2, 1, size, size, size), generator=generator)
-    return {"image": image, "label": label}, {"image": torch.randn(2, 1, size, size, size, generator=generator)}
 
 
 def _cps(network: str = "residual-unet", **options):
@@ -94,7 +75,7 @@ def test_losses_are_finite_and_each_networks_terms_reach_only_it():
     method = _cps()
     first, second = method.networks["first"], method.networks["second"]
     assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
-    losses = method.training_step(*_tiny_batch(), StepInfo(50, 100))
+    losses = method.training_step(*tiny_batch(), StepInfo(50, 100))
     assert set(losses) == {"supervised_first", "cps_first", "supervised_second", "cps_second"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
     (losses["supervised_first"] + losses["cps_first"]).backward(retain_graph=True)
@@ -112,7 +93,7 @@ def test_losses_are_finite_and_each_networks_terms_reach_only_it():
 def test_supervised_term_is_deep_supervised_and_cps_term_is_dice_ce_on_the_other_argmax():
     torch.manual_seed(0)
     method = build_method("3d-cps", 1, 3, NetworkSpec("residual-unet", {"base_filters": 4, "downsamplings": 3}))
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     losses = method.training_step(labeled, unlabeled, StepInfo(50, 100))  # lambda = 0.5 at the end of the ramp
     images = torch.cat([labeled["image"], unlabeled["image"]])
     with torch.no_grad():
@@ -131,7 +112,7 @@ def test_supervised_term_is_deep_supervised_and_cps_term_is_dice_ce_on_the_other
 def test_lambda_rises_linearly_to_half_over_the_span_then_stays():
     method = _cps(rampup=0.4)
     assert [method.cps_lambda(StepInfo(i, 100)) for i in (0, 10, 20, 40, 70, 99)] == pytest.approx([0, 0.125, 0.25, 0.5, 0.5, 0.5])
-    assert method.training_step(*_tiny_batch(), StepInfo(0, 100))["cps_first"] == 0
+    assert method.training_step(*tiny_batch(), StepInfo(0, 100))["cps_first"] == 0
 
 
 def test_inference_uses_the_first_network_unless_ensembling_with_nnunets_step():

@@ -20,13 +20,10 @@ from semiseg.preprocessing import read_case
 from semiseg.datasets import load_dataset
 from semiseg.training import TrainConfig, train
 
+from batches import tiny_batch
+
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "hippocampus"
 SMALL_VNET = {"base_filters": 8}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -103,17 +100,10 @@ def test_checkpoint_is_safetensors_and_reloads_to_the_same_prediction(tmp_path):
     assert 0 <= first.entropy.array.min() and first.entropy.array.max() <= 1
 
 
-def _tiny_batch(num_classes: int = 3, size: int = 16):
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 1, size, size, size, generator=generator)
-    label = torch.randint(0, num_classes, (2, 1, size, size, size), generator=generator)
-    return {"image": image, "label": label}, {"image": torch.randn(2, 1, size, size, size, generator=generator)}
-
-
 def test_mean_teacher_teacher_gets_no_gradient_and_follows_the_ema_formula():
     torch.manual_seed(0)
     method = build_method("mean-teacher", 1, 3, NetworkSpec("vnet", {"base_filters": 4}), {"ema_alpha": 0.9})
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     losses = method.training_step(labeled, unlabeled, StepInfo(50, 100))
     assert set(losses) == {"supervised", "consistency"} and all(torch.isfinite(v) and v > 0 for v in losses.values())
     sum(losses.values()).backward()
@@ -135,7 +125,7 @@ def test_cps_each_network_learns_from_the_other_and_both_predict():
     method = build_method("cps", 1, 3, NetworkSpec("vnet", {"base_filters": 4}))
     left, right = method.networks["left"], method.networks["right"]
     assert any(not torch.equal(a, b) for a, b in zip(left.parameters(), right.parameters()))
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     losses = method.training_step(labeled, unlabeled, StepInfo(99, 100))
     assert losses["cross_pseudo"] > 0
     losses["cross_pseudo"].backward()

@@ -21,13 +21,10 @@ from semiseg.networks.discriminator import MultiResolutionVoxelFeatures
 from semiseg.preprocessing import read_case
 from semiseg.training import TrainConfig, train
 
+from batches import tiny_batch
+
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "hippocampus"
 TINY = {"base_filters": 4}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def test_voxel_features_equal_the_fused_full_resolution_map_at_the_sampled_voxels():
@@ -60,13 +57,6 @@ def test_class_sampling_takes_up_to_n_voxels_of_each_class_and_skips_excluded_on
     assert sorted(shuffle.tolist()) == list(range(len(classes))) and torch.equal(classes[shuffle], classes)
 
 
-def _tiny_batch(size: int = 16):
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 1, size, size, size, generator=generator)
-    label = torch.randint(0, 3, (2, 1, size, size, size), generator=generator)
-    return {"image": image, "label": label}, {"image": torch.randn(2, 1, size, size, size, generator=generator)}
-
-
 def _method(**options):
     torch.manual_seed(0)
     # Threshold 0: an untrained teacher is rarely 70 % sure, and the adversarial terms need fake voxels.
@@ -84,7 +74,7 @@ def test_discriminator_and_segmentation_network_learn_only_from_their_own_terms(
     assert (specs["discriminator"].kind, specs["discriminator"].lr, specs["discriminator"].betas) == ("adam", 2e-4, (0.5, 0.999))
     assert set(specs["main"].networks) == {"student", "projector", "predictor"}
     assert method.frozen_networks() == {"teacher", "projector_teacher"}
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     discriminator, student = method.networks["discriminator"], method.networks["student"]
 
     losses = method.training_step(labeled, unlabeled, StepInfo(50, 100))
@@ -101,7 +91,7 @@ def test_discriminator_and_segmentation_network_learn_only_from_their_own_terms(
 
 
 def test_terms_are_finite_and_the_ablation_switches_drop_exactly_their_term():
-    labeled, unlabeled = _tiny_batch()
+    labeled, unlabeled = tiny_batch()
     full = _method().training_step(labeled, unlabeled, StepInfo(50, 100))
     assert set(full) == {"supervised", "consistency", "feature", "discriminator", "adversarial"}
     assert all(torch.isfinite(v) and v > 0 for v in full.values()), full

@@ -620,7 +620,7 @@ class TrainWidget(QWidget):
         )
 
     def start(self) -> None:
-        from semiseg.napari.training_process import TrainingProcess, cli_command
+        from semiseg.napari.training_process import cli_command
 
         if self.process is not None and self.process.running:
             return
@@ -630,19 +630,8 @@ class TrainWidget(QWidget):
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
             return
-        self.process = TrainingProcess(config)
-        try:
-            self.process.start()
-        except OSError as error:
-            show_error(f"semiseg: cannot start the training process ({error})")
-            self.process = None
-            return
-        self.view.log.clear()
-        self.view.add_log(f"same as: {cli_command(config)}")
-        self.buttons.busy(True)
-        self.buttons.set_fraction(None)
-        self.buttons.status.setText("starting the training process…")
-        self.view.watch(self.process, self.buttons, config.iterations)
+        self.process = _start_training_process(config, self.view, self.buttons, f"same as: {cli_command(config)}",
+                                               "starting the training process…")
 
     def cancel(self) -> None:
         if self.process is None:
@@ -691,6 +680,25 @@ class TrainWidget(QWidget):
         if self.process is not None and self.process.running:
             self.process.stop()  # clean stop: the child saves its last checkpoint
         super().closeEvent(event)
+
+
+def _start_training_process(config, view: _TrainingView, buttons: _JobButtons, first_line: str, status: str):
+    """Start `semiseg train` in its own process and show its progress in view and buttons; None if it cannot start."""
+    from semiseg.napari.training_process import TrainingProcess
+
+    process = TrainingProcess(config)
+    try:
+        process.start()
+    except OSError as error:
+        show_error(f"semiseg: cannot start the training process ({error})")
+        return None
+    view.log.clear()
+    view.add_log(first_line)
+    buttons.busy(True)
+    buttons.set_fraction(None)
+    buttons.status.setText(status)
+    view.watch(process, buttons, config.iterations)
+    return process
 
 
 # 3. Fine-tune on this correction ----------------------------------------------------------------------
@@ -759,7 +767,6 @@ class FineTuneWidget(QWidget):
     def run(self) -> None:
         from semiseg.checkpoint import read_meta
         from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
-        from semiseg.napari.training_process import TrainingProcess
 
         if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
             return
@@ -803,19 +810,8 @@ class FineTuneWidget(QWidget):
             return
         self.state = {"image": image, "labels": labels, "checkpoint": checkpoint, "device": self.device.device()}
         self.new_checkpoint = None
-        self.process = TrainingProcess(config)
-        try:
-            self.process.start()
-        except OSError as error:
-            show_error(f"semiseg: cannot start the training process ({error})")
-            self.process = None
-            return
-        self.view.log.clear()
-        self.view.add_log(f"correction saved: {self.correction_path}")
-        self.buttons.busy(True)
-        self.buttons.set_fraction(None)
-        self.buttons.status.setText(f"correction saved to {self.correction_path.name}; starting fine-tuning…")
-        self.view.watch(self.process, self.buttons, config.iterations)
+        self.process = _start_training_process(config, self.view, self.buttons, f"correction saved: {self.correction_path}",
+                                               f"correction saved to {self.correction_path.name}; starting fine-tuning…")
 
     def cancel(self) -> None:
         if self.process is not None and self.process.running:

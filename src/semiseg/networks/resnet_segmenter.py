@@ -20,7 +20,7 @@ import torch
 from monai.networks.blocks import Convolution, UnetResBlock
 from torch import nn
 
-from semiseg.networks.vnet import VNet, _conv_stage, _resize
+from semiseg.networks.vnet import VNet, add_decoder
 
 
 def _residual_stage(in_channels: int, out_channels: int, blocks: int) -> nn.Sequential:
@@ -46,13 +46,7 @@ class ResNetSegmenter(nn.Module):
         self.residual_stages = nn.ModuleList(
             _residual_stage(widths[level], widths[level + 1], count) for level, count in enumerate(blocks)
         )
-        decoder_stages = [3, 3, 2, 1]
-        self.up = nn.ModuleList(_resize(widths[level + 1], widths[level], up=True) for level in reversed(range(4)))
-        self.decoder = nn.ModuleList(
-            _conv_stage(stages, widths[level], widths[level]) for level, stages in zip(reversed(range(4)), decoder_stages)
-        )
-        self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
-        self.head = nn.Conv3d(widths[0], out_channels, 1)
+        add_decoder(self, widths, out_channels, dropout)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features from shallow (full resolution, the stem) to deep (1/16)."""

@@ -27,6 +27,16 @@ def _resize(in_channels: int, out_channels: int, up: bool) -> nn.Sequential:
     return nn.Sequential(conv(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
 
 
+def add_decoder(network: nn.Module, widths: list[int], out_channels: int, dropout: bool) -> None:
+    """Give network the VNet decoder (`up`, `decoder`, `dropout`, `head`, the names VNet.decode reads)."""
+    network.up = nn.ModuleList(_resize(widths[level + 1], widths[level], up=True) for level in reversed(range(4)))
+    network.decoder = nn.ModuleList(
+        _conv_stage(stages, widths[level], widths[level]) for level, stages in zip(reversed(range(4)), (3, 3, 2, 1))
+    )
+    network.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
+    network.head = nn.Conv3d(widths[0], out_channels, 1)
+
+
 class VNet(nn.Module):
     """Five-level VNet; `encode` and `decode` are exposed so methods can work on features."""
 
@@ -36,7 +46,6 @@ class VNet(nn.Module):
         super().__init__()
         widths = [base_filters * 2**level for level in range(5)]
         encoder_stages = [1, 2, 3, 3, 3]
-        decoder_stages = [3, 3, 2, 1]
         self.encoder_widths = widths
         self.embedding_width = widths[0]
         self.encoder = nn.ModuleList(
@@ -44,12 +53,7 @@ class VNet(nn.Module):
             for level, stages in enumerate(encoder_stages)
         )
         self.down = nn.ModuleList(_resize(widths[level], widths[level + 1], up=False) for level in range(4))
-        self.up = nn.ModuleList(_resize(widths[level + 1], widths[level], up=True) for level in reversed(range(4)))
-        self.decoder = nn.ModuleList(
-            _conv_stage(stages, widths[level], widths[level]) for level, stages in zip(reversed(range(4)), decoder_stages)
-        )
-        self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
-        self.head = nn.Conv3d(widths[0], out_channels, 1)
+        add_decoder(self, widths, out_channels, dropout)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features from shallow (full resolution) to deep (1/16)."""
