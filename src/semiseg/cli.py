@@ -22,6 +22,7 @@ EPILOG = """examples:
   semiseg evaluate --predictions runs/demo/predictions --labels resources/hippocampus/labelsTr --out runs/demo/evaluation
   semiseg methods
   semiseg info runs/demo/best
+  semiseg benchmark la --data /data/LA --method mean-teacher --labeled 8 --out runs/la-mt-8
 """
 
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     train.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    train.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convolutions on tensor-core GPUs)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first step, faster after; its time is logged)")
     train.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
     train.add_argument("--network-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=8")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--voxel-units", action="store_true", help="distances in voxels instead of mm (as the LA tables report)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    from semiseg.benchmark_cli import add_parser as add_benchmark_parser
+
+    add_benchmark_parser(commands)
     commands.add_parser("methods", help="list the training methods and their options")
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint")
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info}[args.command]
+    handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info, "benchmark": _benchmark}[args.command]
     try:
         return handler(args) or 0
     except SemisegError as error:
@@ -208,7 +214,8 @@ def _train(args: argparse.Namespace) -> int:
         validation=args.validation, unlabeled=args.unlabeled, iterations=args.iterations, batch_size=args.batch_size,
         patch_size=tuple(args.patch) if args.patch else None, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, validate_every=args.validate_every, log_every=args.log_every, seed=args.seed, device=args.device,
-        workers=args.workers, amp=not args.no_amp, method_options=dict(args.option),
+        workers=args.workers, amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile,
+        method_options=dict(args.option),
         network_options=dict(args.network_option), resume=args.resume, overwrite=args.overwrite,
     )
     stop = {"asked": False}
@@ -440,6 +447,14 @@ def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_
             return evaluate_folders(view, labels, class_names, voxel_units=voxel_units)
         except SemisegError as error:
             raise type(error)(str(error).replace(str(view), str(predictions))) from None
+
+
+# benchmark --------------------------------------------------------------------------------------
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from semiseg.benchmark_cli import run
+
+    return run(args)
 
 
 # methods, info ----------------------------------------------------------------------------------

@@ -36,8 +36,12 @@ def predict_probabilities(
     tta: bool = False,
     sw_batch_size: int = 2,
     progress: ProgressCallback | None = None,
+    mode: str = "gaussian",
 ) -> np.ndarray:
     """Softmax of each predictor over a preprocessed (z, y, x) image: array (P, C, z, y, x).
+
+    ``overlap`` may be one fraction or one per axis (z, y, x); ``mode`` is MONAI's blending of
+    overlapping windows: "gaussian" (default) or "constant" (a plain average, as the LA papers' code).
 
     Memory guard: the whole-volume sums live on the device only when they fit comfortably; on an
     accelerator out-of-memory error the volume is predicted again one window at a time with the
@@ -53,7 +57,7 @@ def predict_probabilities(
         total = torch.zeros((), device=sums_on)
         for index, axes in enumerate(flips):
             flipped = torch.flip(x, axes) if axes else x
-            out = sliding_window_inference(flipped, patch_size, windows, all_predictors, overlap=overlap, mode="gaussian",
+            out = sliding_window_inference(flipped, patch_size, windows, all_predictors, overlap=overlap, mode=mode,
                                            sw_device=device, device=sums_on)
             total = total + (torch.flip(out, axes) if axes else out)
             if progress is not None:

@@ -76,8 +76,9 @@ def _strong_intensity() -> Compose:
 class PatchDataset(Dataset):
     """Index i -> one augmented patch drawn with a generator seeded by (seed, i)."""
 
-    def __init__(self, volumes: Volumes, patch_size: tuple[int, int, int], seed: int, augment: bool = True):
+    def __init__(self, volumes: Volumes, patch_size: tuple[int, int, int], seed: int, augment: bool = True, strong_view: bool = True):
         self.volumes = volumes
+        self.strong_view = strong_view  # the strong view is ~half of a patch's CPU cost: only for methods that read it
         self.patch_size = np.array(patch_size)
         self.seed = seed
         keys = ["image", "label"] if volumes.labels is not None else ["image"]
@@ -109,8 +110,9 @@ class PatchDataset(Dataset):
             self.spatial.set_random_state(seed=transform_seed)
             sample = self.spatial(sample)
         sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
-        self.strong.set_random_state(seed=transform_seed + 1)
-        sample["image_strong"] = torch.as_tensor(np.asarray(self.strong({"image": sample["image"].clone()})["image"]))
+        if self.strong_view:  # its own seed: skipping it leaves every other draw unchanged
+            self.strong.set_random_state(seed=transform_seed + 1)
+            sample["image_strong"] = torch.as_tensor(np.asarray(self.strong({"image": sample["image"].clone()})["image"]))
         if "label" in sample:
             sample["label"] = sample["label"].round().long()
         return sample

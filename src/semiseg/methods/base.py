@@ -59,6 +59,8 @@ class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str]
     uses_unlabeled: ClassVar[bool] = True
+    # Whether training_step reads batch["image_strong"]; the loaders skip that augmentation otherwise.
+    uses_strong_view: ClassVar[bool] = False
     # Sliding-window overlap inference should use unless the user sets one (predict --overlap).
     inference_overlap: ClassVar[float] = 0.5
     # For DistributedDataParallel: True when a training step leaves some parameters without gradient.
@@ -119,8 +121,8 @@ class Method(nn.Module):
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """teacher = alpha * teacher + (1 - alpha) * student, for parameters and float buffers (BN stats)."""
     with torch.no_grad():
-        for t, s in zip(teacher.parameters(), student.parameters()):
-            t.lerp_(s, 1.0 - alpha)
+        # One multi-tensor kernel instead of one launch per parameter (same arithmetic as lerp_).
+        torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - alpha)
         for t, s in zip(teacher.buffers(), student.buffers()):
             if t.dtype.is_floating_point:
                 t.lerp_(s, 1.0 - alpha)

@@ -76,6 +76,7 @@ def voxel_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float
 
 class DKUXNet(Method):
     name = "dk-uxnet"
+    uses_strong_view = True
     summary = "kMaX decoder on a UX-Net (--network uxnet), InfoNCE between weak/strong views of outputs and query distributions."
     find_unused_parameters = True  # for DistributedDataParallel: the backbone's own 1x1 head gets no gradient
     defaults = {
