@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is rendered again -->"
 
 
 def run_one(spec: dict, queue) -> None:
@@ -116,7 +117,9 @@ def render(runs: list[dict]) -> None:
     machines = sorted({r["machine"] for r in runs if r.get("machine")})
     lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
               "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", ""]
-    (RESULTS / "hippocampus_cpu.md").write_text("\n".join(lines))
+    page = RESULTS / "hippocampus_cpu.md"
+    notes = page.read_text().partition(NOTES_MARKER)[2] if page.exists() else ""
+    page.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         if r["curve"]:
@@ -179,6 +182,7 @@ def main() -> int:
                 result["machine"] = machine
                 print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
                 identity = ("method", "network", "labeled", "seed", "variant")
+                runs = json.loads(results_path.read_text()) if results_path.exists() else []  # re-read: other runs may have finished meanwhile
                 runs = [r for r in runs if any(r[k] != result[k] for k in identity)] + [result]
                 results_path.write_text(json.dumps(runs, indent=1))
                 render(runs)

@@ -88,7 +88,6 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    p, f = report["evaluations"]["protocol"], report["evaluations"]["fast"]
     lines = ["# Fast evaluation vs the LA protocol's stride", "",
              f"Checkpoint: `{report['checkpoint']}` ({report['method']}, {report['network']['name']} {json.dumps(report['network']['options'])}, "
              f"iteration {report['iteration']}); {len(report['cases'])} real LA test.list cases; CPU, {report['threads']} torch thread(s); "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from semiseg.cli import key_value_option
 from semiseg.errors import InputError, OutputExistsError
 
 DESCRIPTION = """\
@@ -45,16 +45,6 @@ tens of seconds (docs/benchmark-la.md).
 """
 
 
-def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"'{text}': expected KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
 PRESET_NAMES = ("la", "pancreas-ct", "kits19")  # semiseg.benchmark_la.PRESETS, not imported to keep --help light
 
 
@@ -74,8 +64,8 @@ def add_parser(commands) -> None:
     la.add_argument("--convention", choices=["last", "best-lcc", "both"], default="both", help="evaluation convention(s) (default: both)")
     la.add_argument("--fast-eval", action="store_true", help="evaluate with overlap 0.5 and Gaussian blending instead of stride 18x18x4 (faster, not the protocol; labeled 'fast eval')")
     la.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    la.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
-    la.add_argument("--network-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=16")
+    la.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
+    la.add_argument("--network-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=16")
     la.add_argument("--lr", type=float, default=0.01, help="initial learning rate, poly decay (default: 0.01, the papers')")
     la.add_argument("--batch-size", type=int, default=2, help="labeled patches per iteration, as many unlabeled (default: 2)")
     la.add_argument("--select-from", type=int, default=800, help="best-lcc: first iteration checked on the test cases (default: 800)")

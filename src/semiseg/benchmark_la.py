@@ -430,7 +430,7 @@ def markdown_table(results: Sequence[dict], literature: dict | None = None, titl
         counts = sorted({row["labeled"] for row in rows})
         published = [r for r in literature["rows"] if r["labeled"] in counts]
         if published:
-            lines += ["", f"Published (from `semiseg/data/la_literature.json`; as printed by the cited source):", "", TABLE_HEADER,
+            lines += ["", "Published (from `semiseg/data/la_literature.json`; as printed by the cited source):", "", TABLE_HEADER,
                       "|---|---:|---:|---:|---:|---:|---:|---|---|"]
             for r in sorted(published, key=lambda r: (r["labeled"], r["source"])):
                 source = literature["sources"][r["source"]]

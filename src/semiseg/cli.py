@@ -26,7 +26,8 @@ EPILOG = """examples:
 """
 
 
-def _option(text: str) -> tuple[str, Any]:
+def key_value_option(text: str) -> tuple[str, Any]:
+    """argparse type of --option/--network-option: KEY=VALUE, the value parsed as JSON when it is JSON."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"'{text}': expected KEY=VALUE")
     key, value = text.split("=", 1)
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     train.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convolutions on tensor-core GPUs)")
     train.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first step, faster after; its time is logged)")
-    train.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
-    train.add_argument("--network-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=8")
+    train.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
+    train.add_argument("--network-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=8")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
@@ -391,7 +392,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from semiseg.checkpoint import read_meta
-    from semiseg.metrics import evaluate_folders, markdown_summary, write_csv
+    from semiseg.metrics import markdown_summary, write_csv
 
     class_names = None
     if args.checkpoint:

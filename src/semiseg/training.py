@@ -9,7 +9,6 @@ JSONL log beside the checkpoints; a `should_stop` callback cancels cleanly with 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
