@@ -116,7 +116,8 @@ def render(runs: list[dict]) -> None:
         )
     machines = sorted({r["machine"] for r in runs if r.get("machine")})
     lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
-              "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", ""]
+              "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", "",
+              "![validation Dice vs labeled fraction](hippocampus_cpu_fraction.png)", ""]
     page = RESULTS / "hippocampus_cpu.md"
     notes = page.read_text().partition(NOTES_MARKER)[2] if page.exists() else ""
     page.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
@@ -133,6 +134,31 @@ def render(runs: list[dict]) -> None:
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(RESULTS / "hippocampus_cpu_curves.png", dpi=110)
+    plot_dice_vs_fraction(runs, plt)
+
+
+def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
+    """Mean Dice against the labeled fraction, one line per method and network (ablation variants left out);
+    with several seeds, the mean and the seeds' sd as error bars."""
+    by_method: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in runs:
+        if not r["variant"]:
+            by_method.setdefault((r["method"], r["network"]), {}).setdefault(r["labeled"], []).append(r["dice_mean"])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for (method, network), points in sorted(by_method.items()):
+        fractions = sorted(points)
+        means = [float(np.mean(points[f])) for f in fractions]
+        spreads = [float(np.std(points[f])) for f in fractions]
+        axis.errorbar([100 * f for f in fractions], means, yerr=spreads, marker="o", markersize=4, capsize=3, label=f"{method} ({network})")
+    axis.set_xscale("log")
+    axis.set_xticks([10, 20, 100], ["10%", "20%", "100%"])
+    axis.set_xlabel("labeled fraction of the 160 training cases")
+    axis.set_ylabel("validation Dice (mean over classes)")
+    axis.set_title("Hippocampus, CPU: Dice vs labeled fraction (1000 iterations)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "hippocampus_cpu_fraction.png", dpi=110)
 
 
 def main() -> int:

@@ -129,6 +129,19 @@ def test_every_term_trains_both_subnets_and_the_ablations_drop_exactly_their_ter
             torch.testing.assert_close(value, losses[key])
 
 
+def test_unlabeled_rampup_scales_the_unlabeled_terms_and_leaves_the_rest():
+    labeled, unlabeled = tiny_batch()
+    constant = _method().training_step(labeled, unlabeled, StepInfo(10, 100))
+    ramped = _method(unlabeled_rampup=0.4).training_step(labeled, unlabeled, StepInfo(10, 100))
+    weight = math.exp(-5 * (1 - 0.1 / 0.4) ** 2)  # progress 0.1 of a 0.4 ramp
+    for term in ("unsupervised", "regularization"):
+        torch.testing.assert_close(ramped[term], weight * constant[term])
+    for term in ("supervised", "contrastive"):
+        torch.testing.assert_close(ramped[term], constant[term])
+    after = _method(unlabeled_rampup=0.4).training_step(labeled, unlabeled, StepInfo(50, 100))
+    torch.testing.assert_close(after["unsupervised"], _method().training_step(labeled, unlabeled, StepInfo(50, 100))["unsupervised"])
+
+
 def test_loss_falls_on_a_short_real_run_and_the_model_reloads(tmp_path):
     events: list[dict] = []
     config = TrainConfig(data=str(SAMPLE), output=str(tmp_path / "run"), method="dual-subnet", network="vnet",

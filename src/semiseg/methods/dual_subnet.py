@@ -59,6 +59,10 @@ so they train nothing; here every term has live gradients):
   both subnets).
 - Predictors: both subnets, averaged, their disagreement reported as uncertainty (the authors'
   test script loads and runs both).
+- lambda_u is constant from the first step (the paper gives no warm-up). `unlabeled_rampup` > 0
+  (off by default) ramps L_u and L_reg up with exp(-5 (1 - t/length)^2) over that fraction of the
+  run, as mean-teacher does: on the CPU benchmark the constant weight makes both subnets learn
+  from untrained pseudo-labels (benchmarks/results/hippocampus_cpu.md, notes).
 Ablation switches `use_regularization` and `use_contrastive` drop L_reg and L_c (the paper's
 ablation rows).
 """
@@ -73,7 +77,7 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 
 from semiseg.errors import InputError
-from semiseg.methods.base import Batch, Method, StepInfo
+from semiseg.methods.base import Batch, Method, StepInfo, sigmoid_rampup
 from semiseg.networks import build_network
 
 
@@ -83,6 +87,7 @@ class DualSubnetContrastive(Method):
                "disagreements, prototype contrast for unreliable voxels.")
     defaults = {
         "unlabeled_weight": 1.0,  # lambda_u (paper)
+        "unlabeled_rampup": 0.0,  # fraction of the run over which lambda_u warms up; 0: constant (paper)
         "contrast_weight": 0.1,  # lambda_c's scale (paper)
         "contrast_schedule": "warmup",  # "warmup": 0.1 exp(-4(1-t)^2); "printed": 0.1 exp(+4(1-t)^2)
         "unreliable_percent": 20.0,  # highest-entropy share of unlabeled voxels kept out of L_u (U2PL)
@@ -130,7 +135,7 @@ class DualSubnetContrastive(Method):
             pseudo = winner.argmax(1, keepdim=True)
             reliable = reliable_voxels(winner, self.options["unreliable_percent"])
 
-        weight_u = self.options["unlabeled_weight"]
+        weight_u = self.options["unlabeled_weight"] * sigmoid_rampup(step.progress, self.options["unlabeled_rampup"])
         losses = {
             "supervised": sum(supervised.values()),
             "unsupervised": weight_u * sum(self._masked_dice_ce(out[n_labeled:], pseudo, reliable) for out in logits.values()),
