@@ -121,20 +121,25 @@ def render(runs: list[dict]) -> None:
     page = RESULTS / "hippocampus_cpu.md"
     notes = page.read_text().partition(NOTES_MARKER)[2] if page.exists() else ""
     page.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        if r["curve"]:
-            x, y = zip(*r["curve"])
-            label = f"{r['method']}{' (' + r['variant'] + ')' if r['variant'] else ''} {r['labeled'] * 100:g}% s{r['seed']}"
-            axis.plot(x, y, marker="o", markersize=3, label=label)
+    figure, axis = plt.subplots(figsize=(8, 5))
+    shown = [r for r in runs if r["curve"] and not r["variant"]]  # ablation curves stay in the JSON: too many lines
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(shown), 1)))
+    for index, r in enumerate(sorted(shown, key=lambda r: (r["labeled"], r["method"], r["network"], r["seed"]))):
+        x, y = zip(*r["curve"])
+        label = f"{r['method']} ({r['network']}) {r['labeled'] * 100:g}% s{r['seed']}"
+        axis.plot(x, y, marker="o", markersize=3, color=colours[index], linestyle=("-", "--", ":")[index % 3], label=label)
     axis.set_xlabel("iteration")
+    _finish_plot(figure, axis, "Hippocampus, CPU: validation Dice during training", "hippocampus_cpu_curves.png")
+    plot_dice_vs_fraction(runs, plt)
+
+
+def _finish_plot(figure, axis, title: str, file_name: str) -> None:
     axis.set_ylabel("validation Dice (mean over classes)")
-    axis.set_title("Hippocampus, CPU: validation Dice during training")
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(RESULTS / "hippocampus_cpu_curves.png", dpi=110)
-    plot_dice_vs_fraction(runs, plt)
+    figure.savefig(RESULTS / file_name, dpi=110)
 
 
 def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
@@ -153,12 +158,7 @@ def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
     axis.set_xscale("log")
     axis.set_xticks([10, 20, 100], ["10%", "20%", "100%"])
     axis.set_xlabel("labeled fraction of the 160 training cases")
-    axis.set_ylabel("validation Dice (mean over classes)")
-    axis.set_title("Hippocampus, CPU: Dice vs labeled fraction (1000 iterations)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(RESULTS / "hippocampus_cpu_fraction.png", dpi=110)
+    _finish_plot(figure, axis, "Hippocampus, CPU: Dice vs labeled fraction (1000 iterations)", "hippocampus_cpu_fraction.png")
 
 
 def main() -> int:
