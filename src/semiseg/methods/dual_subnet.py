@@ -61,9 +61,9 @@ so they train nothing; here every term has live gradients):
   test script loads and runs both).
 - lambda_u is constant from the first step (the paper gives no warm-up). `unlabeled_rampup` > 0
   (off by default) ramps L_u and L_reg up with exp(-5 (1 - t/length)^2) over that fraction of the
-  run, as mean-teacher does. On the hippocampus CPU benchmark the warm-up did not help (Dice 0.711
-  vs 0.736); the paper's lambda_u = 1 is too strong there and `unlabeled_weight=0.1` learns far faster
-  (benchmarks/results/hippocampus_cpu.md, notes).
+  run, as mean-teacher does. On the hippocampus CPU benchmark neither the warm-up (Dice 0.711) nor
+  `unlabeled_weight=0.1` (0.717) beat the paper's setting (0.736) (benchmarks/results/hippocampus_cpu.md,
+  notes).
 Ablation switches `use_regularization` and `use_contrastive` drop L_reg and L_c (the paper's
 ablation rows).
 """
