@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from semiseg.cli import key_value_option
-from semiseg.errors import InputError, OutputExistsError
+from semiseg.errors import InputError, OutputExistsError, require
 
 DESCRIPTION = """\
 Train a method with the Left Atrium protocol of the semi-supervised segmentation papers, evaluate it
@@ -117,9 +117,7 @@ def _check(args: argparse.Namespace) -> None:
         (args.lr > 0, f"--lr {args.lr}: must be positive"),
         (len(set(args.seeds)) == len(args.seeds), f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    require(checks)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")

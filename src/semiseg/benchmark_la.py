@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from semiseg.datasets import LA_FILE, Case
 from semiseg.errors import InputError
-from semiseg.metrics import METRICS, case_metrics, mean_sd
+from semiseg.metrics import METRICS, case_metrics, dice, mean_sd
 
 CONVENTIONS = ("last", "best-lcc")
 TRAIN_LIST, TEST_LIST = "train.list", "test.list"
@@ -252,9 +252,7 @@ def mean_dice(predictions: dict[str, np.ndarray], references: dict[str, np.ndarr
         for c in sorted(class_names):
             if c == 0:
                 continue
-            p, r = prediction == c, reference == c
-            size = int(p.sum())
-            scores.append(0.0 if size == 0 else 2.0 * int(np.logical_and(p, r).sum()) / (size + int(r.sum())))
+            scores.append(float(np.nan_to_num(dice(prediction == c, reference == c))))
     return float(np.mean(scores)) if scores else 0.0
 
 

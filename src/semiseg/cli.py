@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from semiseg.errors import CheckpointError, InputError, OutputExistsError, SemisegError
+from semiseg.errors import CheckpointError, InputError, OutputExistsError, SemisegError, require
 
 EPILOG = """examples:
   semiseg train --data resources/hippocampus --method mean-teacher --labeled 25% --iterations 300 --out runs/demo
@@ -154,9 +154,7 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         (not args.patch or min(args.patch) >= 1, f"--patch {' '.join(map(str, args.patch or []))}: sizes must be positive"),
         (not (args.resume and args.overwrite), "--resume and --overwrite contradict each other; give one"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    require(checks)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (give a folder for the run)")

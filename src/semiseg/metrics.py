@@ -93,6 +93,12 @@ def binary_metrics(
     return {"dice": float(dice), "jaccard": float(jaccard), "hd95": hd95, "asd": asd}
 
 
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN when both are empty (nothing to score)."""
+    total = prediction.sum() + reference.sum()
+    return float("nan") if total == 0 else float(2.0 * np.logical_and(prediction, reference).sum() / total)
+
+
 def case_metrics(
     prediction: np.ndarray,
     reference: np.ndarray,

@@ -28,6 +28,7 @@ from semiseg.devices import describe
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.inference import predict_probabilities
 from semiseg.io import strip_suffix
+from semiseg.metrics import dice
 from semiseg.methods import build_method, method_class
 from semiseg.methods.base import Method, NetworkSpec, StepInfo
 from semiseg.models import load_method_weights, load_model, method_weights
@@ -341,17 +342,17 @@ class Trainer:
             probabilities = predict_probabilities(np.asarray(image), predictors, self.plan.patch_size, self.device,
                                                   self.method.inference_overlap)
             prediction = probabilities.mean(0).argmax(0)
-            per_case.append([_dice(prediction == c, np.asarray(label) == c) for c in sorted(self.plan.class_names) if c != 0])
+            per_case.append([dice(prediction == c, np.asarray(label) == c) for c in sorted(self.plan.class_names) if c != 0])
         self.method.train()
         per_case = distributed.gather(per_case, self.distribution)
         per_class = np.nanmean(np.array(per_case, dtype=float), axis=0)
-        dice = float(np.nanmean(per_class))
+        dice_mean = float(np.nanmean(per_class))
         names = [self.plan.class_names[c] for c in sorted(self.plan.class_names) if c != 0]
-        self.history.append({"iteration": self.iteration, "dice_mean": dice})
-        improved = dice > self.best
+        self.history.append({"iteration": self.iteration, "dice_mean": dice_mean})
+        improved = dice_mean > self.best
         if improved:
-            self.best = dice
-        self.emit({"type": "validation", "iteration": self.iteration, "dice_mean": dice, "cases": len(per_case),
+            self.best = dice_mean
+        self.emit({"type": "validation", "iteration": self.iteration, "dice_mean": dice_mean, "cases": len(per_case),
                    "dice_per_class": dict(zip(names, per_class.tolist())), "best": improved})
         self._save("last", with_training_state=True)
         if improved:
@@ -401,11 +402,6 @@ class Trainer:
         self.iteration, self.best, self.history = state["iteration"], state["best"], state["history"]
         set_rng_state(state["rng"])
         self.emit({"type": "resume", "iteration": self.iteration})
-
-
-def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    total = prediction.sum() + reference.sum()
-    return float("nan") if total == 0 else float(2.0 * np.logical_and(prediction, reference).sum() / total)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
