@@ -161,6 +161,21 @@ def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
     _finish_plot(figure, axis, "Hippocampus, CPU: Dice vs labeled fraction (1000 iterations)", "hippocampus_cpu_fraction.png")
 
 
+def parse_method_options(texts: list[str], runs: list[str]) -> dict[str, dict]:
+    """OWNER.KEY=JSON options by owner (METHOD or METHOD:VARIANT). Option keys have no dots, variant
+    names may ("weight-0.1"), so the key is what follows the last dot. An owner that names none of
+    the runs is an error: its options would silently apply to nothing."""
+    owners = {part for run in runs for part in (run.split(":")[0], ":".join(run.split(":")[::2]))}
+    options: dict[str, dict] = {}
+    for text in texts:
+        target, value = text.split("=", 1)
+        owner, key = target.rsplit(".", 1)
+        if owner not in owners:
+            raise SystemExit(f"--option {text}: '{owner}' is none of the runs' methods or METHOD:VARIANT names ({', '.join(sorted(owners))})")
+        options.setdefault(owner, {})[key] = json.loads(value)
+    return options
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["supervised:0.1", "mean-teacher:0.1", "cps:0.1", "supervised:1.0"],
@@ -186,15 +201,11 @@ def main() -> int:
 
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         network_options = {k: int(v) for k, v in (o.split("=", 1) for o in args.network_option)}
+        method_options = parse_method_options(args.option, args.runs)
         for seed in args.seeds:
             for run in args.runs:
                 method, fraction, *variant = run.split(":")
-                options = {}
-                for text in args.option:
-                    key, value = text.split("=", 1)
-                    owner, key = key.split(".", 1)
-                    if owner in (method, f"{method}:{variant[0]}" if variant else method):
-                        options[key] = json.loads(value)
+                options = {**method_options.get(method, {}), **(method_options.get(f"{method}:{variant[0]}", {}) if variant else {})}
                 spec = {"method": method, "labeled": float(fraction), "variant": variant[0] if variant else "", "seed": seed,
                         "iterations": args.iterations, "validate_every": args.validate_every, "network": args.network,
                         "network_options": network_options, "options": options, "optimizer": args.optimizer, "lr": args.lr,

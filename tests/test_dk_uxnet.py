@@ -14,7 +14,7 @@ from semiseg.datasets import load_dataset
 from semiseg.inference import predict_volume
 from semiseg.methods import build_method
 from semiseg.methods.base import NetworkSpec, StepInfo
-from semiseg.methods.dk_uxnet import voxel_info_nce
+from semiseg.methods.dk_uxnet import class_balanced_nll, voxel_info_nce
 from semiseg.models import load_model
 from semiseg.networks import NETWORKS, build_network
 from semiseg.networks.kmax import KMaXDecoder, aggregate_classes, kmeans_cross_attention
@@ -103,23 +103,40 @@ def test_training_step_terms_are_finite_and_gradients_reach_backbone_decoder_and
     spec = method.optimizers()["main"]
     assert (spec.kind, spec.lr, spec.schedule, sorted(spec.networks)) == ("adamw", 1e-4, "constant", ["backbone", "kmax"])
     losses = method.training_step(*_batches(), StepInfo(0, 10))
-    assert set(losses) == {"supervised", "query_distribution", "segc", "qdc"}
+    assert set(losses) == {"supervised", "query_distribution", "semantic", "segc", "qdc"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
     sum(losses.values()).backward()
     backbone, kmax = method.networks["backbone"], method.networks["kmax"]
-    # everything but the backbone's own 1x1 head, which dk-uxnet does not use
-    assert all(p.grad is not None for name, p in backbone.named_parameters() if not name.startswith("head."))
+    assert all(p.grad is not None for p in backbone.parameters())
     assert all(p.grad is not None for p in kmax.parameters())
-    for module in (backbone.stages, backbone.skips, backbone.up, backbone.last, kmax.layers[0].center_keys):
+    for module in (backbone.stages, backbone.skips, backbone.up, backbone.last, backbone.head, kmax.layers[0].center_keys):
         assert sum(p.grad.abs().sum() for p in module.parameters()) > 0
     assert kmax.centers.grad.abs().sum() > 0
+
+
+def test_without_the_auxiliary_semantic_loss_the_backbone_head_is_left_alone():
+    method = _method(semantic_weight=0.0)
+    losses = method.training_step(*_batches(), StepInfo(0, 10))
+    assert "semantic" not in losses
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in method.networks["backbone"].head.parameters())
+
+
+def test_class_balanced_nll_weighs_each_class_equally():
+    # four voxels: three of class 0 with p = 0.9, one of class 1 with p = 0.1
+    log_probs = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]]).log()[None]  # (1, 2, 4)
+    target = torch.tensor([[0, 0, 0, 1]])
+    balanced = class_balanced_nll(log_probs, target)
+    assert balanced.item() == pytest.approx((-math.log(0.9) - math.log(0.1)) / 2)
+    assert balanced > torch.nn.functional.nll_loss(log_probs, target)  # the voxel mean: (3 * 0.105 + 2.303) / 4
+    assert class_balanced_nll(log_probs, torch.zeros(1, 4, dtype=torch.long)).item() == pytest.approx(-math.log(0.9))
 
 
 def test_query_distribution_sums_grouped_masks_and_works_with_other_backbones():
     method = _method("vnet", queries=7)
     assert method.query_groups.sum(0).tolist() == [3.0, 2.0, 2.0]  # contiguous near-equal groups, one per class
     labeled, unlabeled = _batches((16, 16, 16))
-    _, distribution = method.segment(torch.cat([labeled["image"], unlabeled["image"]]))
+    _, distribution, _ = method.segment(torch.cat([labeled["image"], unlabeled["image"]]))
     torch.testing.assert_close(distribution.sum(1), torch.ones(2, 16, 16, 16))
     losses = method.training_step(labeled, unlabeled, StepInfo(0, 10))
     assert all(torch.isfinite(v) for v in losses.values())
@@ -127,10 +144,10 @@ def test_query_distribution_sums_grouped_masks_and_works_with_other_backbones():
 
 def test_ablation_switches_drop_their_terms():
     labeled, unlabeled = _batches((16, 16, 16))
-    assert set(_method("vnet", qdc=False).training_step(labeled, unlabeled, StepInfo(0, 10))) == {"supervised", "query_distribution", "segc"}
-    assert set(_method("vnet", segc=False).training_step(labeled, unlabeled, StepInfo(0, 10))) == {"supervised", "query_distribution", "qdc"}
+    assert set(_method("vnet", qdc=False).training_step(labeled, unlabeled, StepInfo(0, 10))) == {"supervised", "query_distribution", "semantic", "segc"}
+    assert set(_method("vnet", segc=False).training_step(labeled, unlabeled, StepInfo(0, 10))) == {"supervised", "query_distribution", "semantic", "qdc"}
     supervised_only = _method("vnet", segc=False, qdc=False).training_step(labeled, None, StepInfo(0, 10))
-    assert set(supervised_only) == {"supervised", "query_distribution"}
+    assert set(supervised_only) == {"supervised", "query_distribution", "semantic"}
 
 
 def test_training_step_runs_under_autocast():
@@ -149,7 +166,7 @@ def test_short_real_run_reduces_the_loss_and_the_checkpoint_predicts(tmp_path):
     )  # lr: the paper's 1e-4 (AdamW) hardly moves the loss in 30 iterations
     best = train(config, events.append)
     logged = [e for e in events if e["type"] == "iteration"]
-    assert len(logged) == 6 and set(logged[0]["losses"]) == {"supervised", "query_distribution", "segc", "qdc"}
+    assert len(logged) == 6 and set(logged[0]["losses"]) == {"supervised", "query_distribution", "semantic", "segc", "qdc"}
     losses = [e["loss"] for e in logged]
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
     model = load_model(best)

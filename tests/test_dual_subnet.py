@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from semiseg.datasets import load_dataset
+from semiseg.errors import InputError
 from semiseg.inference import predict_volume
 from semiseg.methods import build_method
 from semiseg.methods.base import NetworkSpec, StepInfo
@@ -127,6 +128,23 @@ def test_every_term_trains_both_subnets_and_the_ablations_drop_exactly_their_ter
         assert set(ablated) == set(losses) - {term}
         for key, value in ablated.items():
             torch.testing.assert_close(value, losses[key])
+
+
+def test_pseudo_labels_to_the_loser_train_only_the_subnet_with_the_higher_supervised_loss():
+    labeled, unlabeled = tiny_batch()
+    method = _method(pseudo_label_to="loser")
+    images, count = torch.cat([labeled["image"], unlabeled["image"]]), labeled["image"].shape[0]  # as the step sees them (batch norm)
+    supervised = {name: method.supervised_loss(method.networks[name](images)[:count], labeled["label"]) for name in ("subnet_a", "subnet_b")}
+    loser = max(supervised, key=lambda name: supervised[name].item())
+    losses = method.training_step(labeled, unlabeled, StepInfo(50, 100))
+    for name in ("subnet_a", "subnet_b"):
+        grads = torch.autograd.grad(losses["unsupervised"], list(method.networks[name].parameters()), retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == (name == loser), name
+    # the same pseudo-label as with both learners: the loser's share of that sum
+    both = _method().training_step(labeled, unlabeled, StepInfo(50, 100))
+    assert 0 < losses["unsupervised"] < both["unsupervised"]
+    with pytest.raises(InputError):
+        _method(pseudo_label_to="winner")
 
 
 def test_unlabeled_rampup_scales_the_unlabeled_terms_and_leaves_the_rest():

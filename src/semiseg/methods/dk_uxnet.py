@@ -10,8 +10,9 @@ The query distribution Q (§2.1, MaxQuery) sums the masks over N/K contiguous gr
 one group per class: Q_k(x) = sum_{n in group k} M_n(x).
 
 Loss (eqs. 3-5): L = L_sup + lambda (L_segc + L_qdc), L_sup = cross-entropy + Dice on p (MONAI
-DiceCELoss, as all methods here) plus the query-distribution supervision; L_segc and L_qdc are
-InfoNCE losses (cosine similarity, temperature tau) between the two views' p and Q, per voxel.
+DiceCELoss, as all methods here) plus the query-distribution supervision and kMaX-DeepLab's
+auxiliary semantic loss (below); L_segc and L_qdc are InfoNCE losses (cosine similarity,
+temperature tau) between the two views' p and Q, per voxel.
 
 Defaults and their sources:
 - AdamW, lr 1e-4 (paper §3.2); weight decay 0.01 and a constant rate (the released code: torch's
@@ -21,6 +22,17 @@ Defaults and their sources:
   kMaX-DeepLab (the paper gives none).
 - qd_weight 0.1: the released code's weight of the query-distribution cross-entropy (the paper says
   "ground-truth query distribution Q_d is used to supervise the cluster outputs", no weight).
+- semantic_weight 1.0: kMaX-DeepLab trains its pixel decoder with an auxiliary semantic
+  segmentation loss (weight 1.0 in its default configuration); here DiceCE on the backbone's own
+  1x1 head over the pixel embedding. Neither DK-UXNet's paper nor its code has it. Without it
+  the hippocampus run collapsed (benchmarks/results/hippocampus_cpu.md, dk-uxnet notes): the
+  embedding never learnt to tell anterior from posterior voxels (a linear probe on it: 68 %
+  correct; 90 % with the auxiliary loss), as the cluster head passes no class gradient to it
+  while the clusters holding foreground share one class distribution. 0 drops it.
+- qd_balanced: the query-distribution NLL is averaged over each class's voxels, then over the
+  classes (the code's cross-entropy averages over voxels). On a hippocampus patch 95 % of the
+  voxels are background, and a voxel mean left both foreground classes in background clusters;
+  with the auxiliary loss alone the run still collapsed, with both it learnt (notes).
 - contrast_weight (lambda) 0.1 and temperature (tau) 0.1: the paper names both and gives no value;
   0.1 is SimCLR's temperature (the paper follows SimCLR) and the usual consistency weight (UA-MT).
 - segc / qdc switch L_segc / L_qdc off: the paper's ablation rows (Table 2); with both off (its
@@ -29,7 +41,8 @@ Defaults and their sources:
 Choices where the paper is silent or unclear, and deviations:
 - The backbone is the run's --network (`uxnet` is the paper's 3D UX-Net; `vnet`/`unet` work too, as
   the kMaX part only needs `encode` and `decode(..., return_embedding=True)`); the backbone's own
-  1x1 head is unused. Inputs are zero-padded to the backbone's size multiple and cropped back.
+  1x1 head serves the auxiliary semantic loss only, never prediction. Inputs are zero-padded to
+  the backbone's size multiple and cropped back.
 - kMaX reads the encoder's stage 2-4 outputs, as §2.2.1 states (the released code reads two decoder
   scales, kMaX-DeepLab its pixel decoder's); gradients through the argmax: see `kmax.py`.
 - Eq. 4's 1/HWD is read as a mean over voxels: at each voxel, the anchor's positive is the same
@@ -74,17 +87,29 @@ def voxel_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float
         return F.cross_entropy(similarity, partner[:, None].expand(count, views.shape[2]))
 
 
+def class_balanced_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood averaged over each class's voxels, then over the classes present."""
+    per_voxel = F.nll_loss(log_probs, target, reduction="none").flatten()
+    target = target.flatten()
+    counts = torch.bincount(target, minlength=log_probs.shape[1])
+    sums = per_voxel.new_zeros(log_probs.shape[1]).index_add(0, target, per_voxel)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
 class DKUXNet(Method):
     name = "dk-uxnet"
     uses_strong_view = True
     summary = "kMaX decoder on a UX-Net (--network uxnet), InfoNCE between weak/strong views of outputs and query distributions."
-    find_unused_parameters = True  # for DistributedDataParallel: the backbone's own 1x1 head gets no gradient
+    find_unused_parameters = True  # for DistributedDataParallel: with semantic_weight 0 the backbone's 1x1 head gets no gradient
     defaults = {
         "contrast_weight": 0.1,  # lambda
         "temperature": 0.1,  # tau
         "segc": True,
         "qdc": True,
         "qd_weight": 0.1,
+        "semantic_weight": 1.0,  # kMaX-DeepLab's auxiliary semantic loss on the backbone head
+        "qd_balanced": True,  # query-distribution NLL averaged per class
         "queries": 128,
         "query_dim": 256,
         "layers_per_scale": 2,
@@ -112,34 +137,41 @@ class DKUXNet(Method):
         return {"main": OptimizerSpec(networks=["backbone", "kmax"], kind="adamw", lr=self.options["lr"],
                                       weight_decay=self.options["weight_decay"], schedule="constant")}
 
-    def segment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log class probabilities (B, K, *spatial) and query distribution (B, K, *spatial) of images of any size."""
+    def segment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log class probabilities, query distribution and the backbone head's logits (each (B, K,
+        *spatial)) of images of any size."""
         backbone = self.networks["backbone"]
         depth, height, width = images.shape[2:]
         features = backbone.encode(pad_to_multiple(images, size_multiple(backbone)))
-        _, embedding = backbone.decode(features, return_embedding=True)
+        semantic_logits, embedding = backbone.decode(features, return_embedding=True)
         mask_logits, class_logits = self.networks["kmax"](features[:-4:-1], embedding)
         with torch.autocast(images.device.type, enabled=False):
             masks = mask_logits[..., :depth, :height, :width].float().softmax(1)
             distribution = torch.einsum("bn...,nk->bk...", masks, self.query_groups)
-            return aggregate_classes(masks, class_logits.float()), distribution
+            return aggregate_classes(masks, class_logits.float()), distribution, semantic_logits[..., :depth, :height, :width]
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
         contrast = self.options["segc"] or self.options["qdc"]
         batches = [labeled, unlabeled] if contrast and unlabeled is not None else [labeled]
         weak = torch.cat([b["image"] for b in batches])
         count, n_labeled = weak.shape[0], labeled["image"].shape[0]
-        log_probs, distribution = self.segment(torch.cat([weak, torch.cat([b["image_strong"] for b in batches])]))
+        log_probs, distribution, semantic_logits = self.segment(torch.cat([weak, torch.cat([b["image_strong"] for b in batches])]))
         labels = torch.cat([labeled["label"], labeled["label"]])
 
         def labeled_views(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x[:n_labeled], x[count : count + n_labeled]])
 
-        query_nll = F.nll_loss(labeled_views(distribution).clamp_min(torch.finfo(torch.float32).tiny).log(), labels[:, 0])
+        query_log = labeled_views(distribution).clamp_min(torch.finfo(torch.float32).tiny).log()
+        if self.options["qd_balanced"]:
+            query_nll = class_balanced_nll(query_log, labels[:, 0])
+        else:
+            query_nll = F.nll_loss(query_log, labels[:, 0])
         losses = {
             "supervised": self.supervised_loss(labeled_views(log_probs), labels),
             "query_distribution": self.options["qd_weight"] * query_nll,
         }
+        if self.options["semantic_weight"]:
+            losses["semantic"] = self.options["semantic_weight"] * self.supervised_loss(labeled_views(semantic_logits), labels)
         weight, temperature = self.options["contrast_weight"], self.options["temperature"]
         if self.options["segc"]:
             probabilities = log_probs.exp()
