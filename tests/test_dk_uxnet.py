@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from semiseg.datasets import load_dataset
+from semiseg.errors import InputError
 from semiseg.inference import predict_volume
 from semiseg.methods import build_method
 from semiseg.methods.base import NetworkSpec, StepInfo
-from semiseg.methods.dk_uxnet import class_balanced_nll, voxel_info_nce
+from semiseg.methods.dk_uxnet import class_balanced_nll, info_nce, voxel_info_nce
 from semiseg.models import load_model
 from semiseg.networks import NETWORKS, build_network
 from semiseg.networks.kmax import KMaXDecoder, aggregate_classes, kmeans_cross_attention
@@ -148,6 +149,27 @@ def test_ablation_switches_drop_their_terms():
     assert set(_method("vnet", segc=False).training_step(labeled, unlabeled, StepInfo(0, 10))) == {"supervised", "query_distribution", "semantic", "qdc"}
     supervised_only = _method("vnet", segc=False, qdc=False).training_step(labeled, None, StepInfo(0, 10))
     assert set(supervised_only) == {"supervised", "query_distribution", "semantic"}
+
+
+def test_volume_level_contrast_compares_whole_patches():
+    # three patches, two voxels: voxel 0 holds each patch's own class, voxel 1 is the same everywhere
+    temperature = 0.5
+    patches = torch.zeros(3, 3, 2)
+    patches[torch.arange(3), torch.arange(3), 0] = 1.0
+    patches[:, :, 1] = torch.tensor([1.0, 0.0, 0.0])
+    views = patches[..., None, None]  # (B, C, 2, 1, 1)
+    positive, four = math.exp(1 / temperature), 4
+    # per voxel: voxel 0 tells the patches apart, voxel 1 cannot (all five candidates at cosine 1)
+    per_voxel = (-math.log(positive / (positive + four)) + math.log(5)) / 2
+    assert info_nce(views, views, temperature).item() == pytest.approx(per_voxel, rel=1e-5)
+    # per patch: the flattened patches share exactly voxel 1's vector, so any two meet at cosine 1/2
+    expected = -math.log(positive / (positive + four * math.exp(0.5 / temperature)))
+    assert info_nce(views, views, temperature, "volume").item() == pytest.approx(expected, rel=1e-5)
+    labeled, unlabeled = _batches((16, 16, 16))
+    losses = _method("vnet", contrast_level="volume").training_step(labeled, unlabeled, StepInfo(0, 10))
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    with pytest.raises(InputError):
+        _method("vnet", contrast_level="pixel")
 
 
 def test_training_step_runs_under_autocast():

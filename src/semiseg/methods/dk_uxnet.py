@@ -31,8 +31,10 @@ Defaults and their sources:
   while the clusters holding foreground share one class distribution. 0 drops it.
 - qd_balanced: the query-distribution NLL is averaged over each class's voxels, then over the
   classes (the code's cross-entropy averages over voxels). On a hippocampus patch 95 % of the
-  voxels are background, and a voxel mean left both foreground classes in background clusters;
-  with the auxiliary loss alone the run still collapsed, with both it learnt (notes).
+  voxels are background, and a voxel mean left both foreground classes in background clusters.
+  With the auxiliary loss alone the classes still collapsed; with both they separated in two
+  200-iteration trials, but the 1000-iteration benchmark row still collapsed (notes): the two
+  make separation possible, not certain.
 - contrast_weight (lambda) 0.1 and temperature (tau) 0.1: the paper names both and gives no value;
   0.1 is SimCLR's temperature (the paper follows SimCLR) and the usual consistency weight (UA-MT).
 - segc / qdc switch L_segc / L_qdc off: the paper's ablation rows (Table 2); with both off (its
@@ -50,6 +52,8 @@ Choices where the paper is silent or unclear, and deviations:
   all views of the other patches of the step (labeled and unlabeled, one contrast for L_l and L_u,
   so the paper's sum of the two is lambda times the mean over all patches); the denominator runs
   over every k != i, the positive included (SimCLR's NT-Xent). Both views get gradients (SimCLR).
+  `contrast_level="volume"` makes each patch's whole output one vector instead (SimCLR's
+  sample-level reading of Eq. 4); not benchmarked.
 - Q is the grouped (K-dimensional) query distribution, which the paper compares to a ground truth;
   queries are split into K near-equal contiguous groups (the released code: 16/4/108 of 128).
 - The query-distribution supervision is the mean over voxels of -log Q_y (the released code sums
@@ -97,6 +101,14 @@ def class_balanced_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.T
     return (sums[present] / counts[present]).mean()
 
 
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, level: str = "voxel") -> torch.Tensor:
+    """`voxel_info_nce`, or with level "volume" one InfoNCE whose vectors are whole patches (every
+    voxel's channels), SimCLR's sample-level contrast."""
+    if level == "volume":
+        first, second = first.reshape(first.shape[0], -1, 1), second.reshape(second.shape[0], -1, 1)
+    return voxel_info_nce(first, second, temperature)
+
+
 class DKUXNet(Method):
     name = "dk-uxnet"
     uses_strong_view = True
@@ -105,6 +117,7 @@ class DKUXNet(Method):
     defaults = {
         "contrast_weight": 0.1,  # lambda
         "temperature": 0.1,  # tau
+        "contrast_level": "voxel",  # "voxel": an InfoNCE per voxel; "volume": one per patch (Eq. 4 read as SimCLR)
         "segc": True,
         "qdc": True,
         "qd_weight": 0.1,
@@ -122,6 +135,8 @@ class DKUXNet(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         options = self.options
+        if options["contrast_level"] not in ("voxel", "volume"):
+            raise InputError("dk-uxnet: contrast_level must be 'voxel' or 'volume'")
         if options["queries"] < self.num_classes:
             raise InputError(f"dk-uxnet needs at least one query per class ({self.num_classes}); got queries={options['queries']}")
         backbone = self.make_network()
@@ -173,11 +188,13 @@ class DKUXNet(Method):
         if self.options["semantic_weight"]:
             losses["semantic"] = self.options["semantic_weight"] * self.supervised_loss(labeled_views(semantic_logits), labels)
         weight, temperature = self.options["contrast_weight"], self.options["temperature"]
+
+        level = self.options["contrast_level"]
         if self.options["segc"]:
             probabilities = log_probs.exp()
-            losses["segc"] = weight * voxel_info_nce(probabilities[:count], probabilities[count:], temperature)
+            losses["segc"] = weight * info_nce(probabilities[:count], probabilities[count:], temperature, level)
         if self.options["qdc"]:
-            losses["qdc"] = weight * voxel_info_nce(distribution[:count], distribution[count:], temperature)
+            losses["qdc"] = weight * info_nce(distribution[:count], distribution[count:], temperature, level)
         return losses
 
     def predictors(self):
