@@ -66,8 +66,8 @@ so they train nothing; here every term has live gradients):
   run, as mean-teacher does.
 - On the hippocampus CPU benchmark (10% labeled, benchmarks/results/hippocampus_cpu.md, notes) the
   paper's lambda_u = 1 ends below supervised-only (Dice 0.736; a repeat 0.717), and so do the
-  warm-up (0.711) and pseudo-labels to the loser only (0.753); without L_reg it reaches 0.829, so
-  L_reg at weight 1 costs the most. lambda_u = 0.1 (`unlabeled_weight=0.1`, the consistency weight
+  warm-up (0.711) and pseudo-labels to the loser only (0.753); without L_reg it reaches 0.829 (without L_c
+  0.722), so L_reg at weight 1 costs the most. lambda_u = 0.1 (`unlabeled_weight=0.1`, the consistency weight
   of MCF and of the authors' code) gives 0.845, and the two subnets on the labels alone 0.843. Use
   0.1 on data like this; the default stays the paper's.
 Ablation switches `use_regularization` and `use_contrastive` drop L_reg and L_c (the paper's
