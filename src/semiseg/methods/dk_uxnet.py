@@ -188,9 +188,7 @@ class DKUXNet(Method):
         }
         if self.options["semantic_weight"]:
             losses["semantic"] = self.options["semantic_weight"] * self.supervised_loss(labeled_views(semantic_logits), labels)
-        weight, temperature = self.options["contrast_weight"], self.options["temperature"]
-
-        level = self.options["contrast_level"]
+        weight, temperature, level = self.options["contrast_weight"], self.options["temperature"], self.options["contrast_level"]
         if self.options["segc"]:
             probabilities = log_probs.exp()
             losses["segc"] = weight * info_nce(probabilities[:count], probabilities[count:], temperature, level)
