@@ -151,7 +151,7 @@ def test_ablation_switches_drop_their_terms():
     assert set(supervised_only) == {"supervised", "query_distribution", "semantic"}
 
 
-def test_volume_level_contrast_compares_whole_patches():
+def test_volume_and_voxel_level_contrast():
     # three patches, two voxels: voxel 0 holds each patch's own class, voxel 1 is the same everywhere
     temperature = 0.5
     patches = torch.zeros(3, 3, 2)
@@ -161,12 +161,12 @@ def test_volume_level_contrast_compares_whole_patches():
     positive, four = math.exp(1 / temperature), 4
     # per voxel: voxel 0 tells the patches apart, voxel 1 cannot (all five candidates at cosine 1)
     per_voxel = (-math.log(positive / (positive + four)) + math.log(5)) / 2
-    assert info_nce(views, views, temperature).item() == pytest.approx(per_voxel, rel=1e-5)
+    assert info_nce(views, views, temperature, "voxel").item() == pytest.approx(per_voxel, rel=1e-5)
     # per patch: the flattened patches share exactly voxel 1's vector, so any two meet at cosine 1/2
     expected = -math.log(positive / (positive + four * math.exp(0.5 / temperature)))
     assert info_nce(views, views, temperature, "volume").item() == pytest.approx(expected, rel=1e-5)
     labeled, unlabeled = _batches((16, 16, 16))
-    losses = _method("vnet", contrast_level="volume").training_step(labeled, unlabeled, StepInfo(0, 10))
+    losses = _method("vnet", contrast_level="voxel").training_step(labeled, unlabeled, StepInfo(0, 10))
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     with pytest.raises(InputError):
         _method("vnet", contrast_level="pixel")

@@ -12,7 +12,7 @@ one group per class: Q_k(x) = sum_{n in group k} M_n(x).
 Loss (eqs. 3-5): L = L_sup + lambda (L_segc + L_qdc), L_sup = cross-entropy + Dice on p (MONAI
 DiceCELoss, as all methods here) plus the query-distribution supervision and kMaX-DeepLab's
 auxiliary semantic loss (below); L_segc and L_qdc are InfoNCE losses (cosine similarity,
-temperature tau) between the two views' p and Q, per voxel.
+temperature tau) between the two views' p and Q, one vector per patch.
 
 Defaults and their sources:
 - AdamW, lr 1e-4 (paper §3.2); weight decay 0.01 and a constant rate (the released code: torch's
@@ -33,8 +33,9 @@ Defaults and their sources:
   classes (the code's cross-entropy averages over voxels). On a hippocampus patch 95 % of the
   voxels are background, and a voxel mean left both foreground classes in background clusters.
   With the auxiliary loss alone the classes still collapsed; with both they separated in two
-  200-iteration trials, but the 1000-iteration benchmark row still collapsed (notes): the two
-  make separation possible, not certain.
+  200-iteration trials, yet a 1000-iteration benchmark row with per-voxel contrast still
+  collapsed, and with per-patch contrast (the default) only the ablation rows kept the classes
+  apart: the full method lost them after 500 iterations (notes).
 - contrast_weight (lambda) 0.1 and temperature (tau) 0.1: the paper names both and gives no value;
   0.1 is SimCLR's temperature (the paper follows SimCLR) and the usual consistency weight (UA-MT).
 - segc / qdc switch L_segc / L_qdc off: the paper's ablation rows (Table 2); with both off (its
@@ -47,14 +48,17 @@ Choices where the paper is silent or unclear, and deviations:
   the backbone's size multiple and cropped back.
 - kMaX reads the encoder's stage 2-4 outputs, as §2.2.1 states (the released code reads two decoder
   scales, kMaX-DeepLab its pixel decoder's); gradients through the argmax: see `kmax.py`.
-- Eq. 4's 1/HWD is read as a mean over voxels: at each voxel, the anchor's positive is the same
-  patch's other view (the views are spatially aligned: intensity-only augmentation), its negatives
-  all views of the other patches of the step (labeled and unlabeled, one contrast for L_l and L_u,
-  so the paper's sum of the two is lambda times the mean over all patches); the denominator runs
-  over every k != i, the positive included (SimCLR's NT-Xent). Both views get gradients (SimCLR).
-  `contrast_level="volume"` makes each patch's whole output one vector instead (SimCLR's
-  sample-level reading of Eq. 4); in one 200-iteration hippocampus trial it let the classes
-  separate where the per-voxel contrast had not (benchmarks/results/hippocampus_cpu.md, notes).
+- Eq. 4 compares whole outputs, sim(X_i, X_j) with X_i in R^{HWD}: each patch's p (or Q), all its
+  voxels and channels, is one vector (SimCLR's sample-level contrast). Its positive is the same
+  patch's other view, its negatives all views of the other patches of the step (labeled and
+  unlabeled, one contrast for L_l and L_u, so the paper's sum of the two is lambda times the mean
+  over all patches); the denominator runs over every k != i, the positive included (SimCLR's
+  NT-Xent); both views get gradients (SimCLR). The 1/HWD in front is dropped: on one term per
+  patch it would only divide lambda by the patch size. `contrast_level="voxel"` reads Eq. 4
+  instead as a mean of per-voxel InfoNCEs (the views are spatially aligned: intensity-only
+  augmentation); on the hippocampus benchmark both 1000-iteration rows with it left the posterior
+  class empty, all three with per-patch contrast separated the classes
+  (benchmarks/results/hippocampus_cpu.md, notes).
 - Q is the grouped (K-dimensional) query distribution, which the paper compares to a ground truth;
   queries are split into K near-equal contiguous groups (the released code: 16/4/108 of 128).
 - The query-distribution supervision is the mean over voxels of -log Q_y (the released code sums
@@ -102,7 +106,7 @@ def class_balanced_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.T
     return (sums[present] / counts[present]).mean()
 
 
-def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, level: str = "voxel") -> torch.Tensor:
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, level: str) -> torch.Tensor:
     """`voxel_info_nce`, or with level "volume" one InfoNCE whose vectors are whole patches (every
     voxel's channels), SimCLR's sample-level contrast."""
     if level == "volume":
@@ -118,7 +122,7 @@ class DKUXNet(Method):
     defaults = {
         "contrast_weight": 0.1,  # lambda
         "temperature": 0.1,  # tau
-        "contrast_level": "voxel",  # "voxel": an InfoNCE per voxel; "volume": one per patch (Eq. 4 read as SimCLR)
+        "contrast_level": "volume",  # "volume": one InfoNCE per patch (Eq. 4, SimCLR); "voxel": one per voxel
         "segc": True,
         "qdc": True,
         "qd_weight": 0.1,
