@@ -57,8 +57,8 @@ Choices where the paper is silent or unclear, and deviations:
   patch it would only divide lambda by the patch size. `contrast_level="voxel"` reads Eq. 4
   instead as a mean of per-voxel InfoNCEs (the views are spatially aligned: intensity-only
   augmentation); on the hippocampus benchmark both 1000-iteration rows with it left the posterior
-  class empty, all three with per-patch contrast separated the classes
-  (benchmarks/results/hippocampus_cpu.md, notes).
+  class empty, all three with per-patch contrast separated the classes (the full method lost them
+  again after 500 iterations; benchmarks/results/hippocampus_cpu.md, notes).
 - Q is the grouped (K-dimensional) query distribution, which the paper compares to a ground truth;
   queries are split into K near-equal contiguous groups (the released code: 16/4/108 of 128).
 - The query-distribution supervision is the mean over voxels of -log Q_y (the released code sums
