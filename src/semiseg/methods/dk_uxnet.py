@@ -97,13 +97,10 @@ def voxel_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float
 
 
 def class_balanced_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood averaged over each class's voxels, then over the classes present."""
-    per_voxel = F.nll_loss(log_probs, target, reduction="none").flatten()
-    target = target.flatten()
-    counts = torch.bincount(target, minlength=log_probs.shape[1])
-    sums = per_voxel.new_zeros(log_probs.shape[1]).index_add(0, target, per_voxel)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    """Negative log-likelihood averaged over each class's voxels, then over the classes present:
+    nll_loss's weighted mean with each class weighted by 1 / its voxel count."""
+    counts = torch.bincount(target.flatten(), minlength=log_probs.shape[1])
+    return F.nll_loss(log_probs, target, weight=1.0 / counts.clamp_min(1).to(log_probs.dtype))
 
 
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, level: str) -> torch.Tensor:
