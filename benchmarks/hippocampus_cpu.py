@@ -9,6 +9,13 @@ a run with the same method, network, labeled fraction, seed and variant replaces
 to hippocampus_cpu.md and hippocampus_cpu_curves.png.
 
   python benchmarks/hippocampus_cpu.py --runs supervised:0.1 mean-teacher:0.1 cps:0.1 supervised:1.0
+
+Seeded comparisons give the labeled budget as a count of cases: `--runs cps:n4 supervised:n16 --seeds 0 1 2`.
+The 40 validation cases stay the same for every seed (the seed-0 draw, as in the fraction rows), and the
+seed draws both which training cases are labeled and the training randomness, so a row's spread covers
+the choice of labeled scans too. These runs record each validation case's Dice, so the rendered
+comparison table pairs every method with supervised-only over the same cases (Wilcoxon signed-rank of the
+seed-averaged per-case Dice) and gives the share of the supervised(n) -> supervised(all) gap it closes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+TRAINING_CASES = 160  # of the 200, after the 40 validation cases
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is rendered again -->"
 
 
@@ -43,11 +51,13 @@ def run_one(spec: dict, queue) -> None:
     torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
-        labeled = "100%" if spec["labeled"] >= 1 else f"{spec['labeled'] * 100:g}%"
+        labeled, validation = "100%" if spec["labeled"] >= 1 else f"{spec['labeled'] * 100:g}%", "40"
+        if spec.get("labeled_count"):
+            labeled, validation = seeded_split_files(Path(scratch), spec["labeled_count"], spec["seed"])
         config = TrainConfig(
             data=str(DATA), output=str(out), method=spec["method"], network=spec["network"],
             network_options=spec["network_options"], method_options=spec["options"], labeled=labeled,
-            validation="40", iterations=spec["iterations"], validate_every=spec["validate_every"],
+            validation=validation, iterations=spec["iterations"], validate_every=spec["validate_every"],
             seed=spec["seed"], device="cpu", workers=spec["workers"], lr=spec["lr"], optimizer=spec["optimizer"],
         )
         events: list[dict] = []
@@ -58,7 +68,8 @@ def run_one(spec: dict, queue) -> None:
         dataset = {c.case_id: c for c in load_dataset(DATA).cases}
         classes = [c for c in sorted(model.plan.class_names) if c != 0]
         rows, infer_seconds = [], 0.0
-        for case_id in model.meta["split"]["validation"]:
+        validation_ids = model.meta["split"]["validation"]
+        for case_id in validation_ids:
             image, label = read_case(dataset[case_id])
             tick = time.perf_counter()
             prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"), model.overlap)
@@ -78,6 +89,9 @@ def run_one(spec: dict, queue) -> None:
         "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "infer_sec_per_volume": infer_seconds / len(rows), "curve": curve,
     }
+    if spec.get("labeled_count"):
+        result["labeled_count"] = spec["labeled_count"]
+        result["per_case_dice"] = {case_id: [r[c]["dice"] for c in classes] for case_id, r in zip(validation_ids, rows)}
     names = model.plan.class_names
     for metric in ("dice", "jaccard", "hd95", "asd"):
         values = np.array([[r[c][metric] for c in classes] for r in rows], dtype=float)
@@ -85,6 +99,33 @@ def run_one(spec: dict, queue) -> None:
         result[f"{metric}_sd"] = float(np.nanstd(np.nanmean(values, axis=1)))
         result[f"{metric}_per_class"] = {names[c]: [float(np.nanmean(values[:, i])), float(np.nanstd(values[:, i]))] for i, c in enumerate(classes)}
     queue.put(result)
+
+
+def labeled_text(run: dict) -> str:
+    return f"{run['labeled_count']} cases" if run.get("labeled_count") else f"{run['labeled'] * 100:g}%"
+
+
+def run_identity(run: dict) -> tuple:
+    """A new result replaces an old one with the same identity; fraction rows and count rows never collide."""
+    return (run["method"], run["network"], run["labeled"], run["seed"], run["variant"], run.get("labeled_count"),
+            run["iterations"] if run.get("labeled_count") else None)
+
+
+def seeded_split_files(folder: Path, count: int, seed: int) -> tuple[str, str]:
+    """List files for a seeded comparison: the fixed seed-0 validation cases, and `count` labeled cases
+    drawn by `seed` from the other 160 (every case when count reaches them all); the rest train unlabeled."""
+    import random
+
+    from semiseg.datasets import choose_split, load_dataset
+
+    fixed = choose_split(load_dataset(DATA), "100%", "40", 0)
+    pool = sorted(fixed.labeled)
+    random.Random(seed).shuffle(pool)
+    if count > len(pool):
+        raise SystemExit(f"n{count}: only {len(pool)} training cases")
+    (folder / "labeled.txt").write_text("\n".join(sorted(pool[:count])) + "\n")
+    (folder / "validation.txt").write_text("\n".join(fixed.validation) + "\n")
+    return str(folder / "labeled.txt"), str(folder / "validation.txt")
 
 
 def render(runs: list[dict]) -> None:
@@ -109,11 +150,12 @@ def render(runs: list[dict]) -> None:
         per_class = list(r["dice_per_class"].values())
         name = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
         lines.append(
-            f"| {name} | {network} | {r['parameters'] / 1e6:.2f} M | {r['labeled'] * 100:g}% | {r['seed']} | {r['iterations']} | {r['dice_mean']:.4f} ± {r['dice_sd']:.4f} | "
+            f"| {name} | {network} | {r['parameters'] / 1e6:.2f} M | {labeled_text(r)} | {r['seed']} | {r['iterations']} | {r['dice_mean']:.4f} ± {r['dice_sd']:.4f} | "
             f"{per_class[0][0]:.4f} | {per_class[1][0]:.4f} | {r['jaccard_mean']:.4f} ± {r['jaccard_sd']:.4f} | "
             f"{r['hd95_mean']:.2f} ± {r['hd95_sd']:.2f} | {r['asd_mean']:.2f} ± {r['asd_sd']:.2f} | "
             f"{r['sec_per_iter']:.3f} ({r.get('threads', 2)}) | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
         )
+    lines += comparison_lines(runs)
     machines = sorted({r["machine"] for r in runs if r.get("machine")})
     lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
               "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", "",
@@ -122,7 +164,8 @@ def render(runs: list[dict]) -> None:
     notes = page.read_text().partition(NOTES_MARKER)[2] if page.exists() else ""
     page.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
     figure, axis = plt.subplots(figsize=(8, 5))
-    shown = [r for r in runs if r["curve"] and not r["variant"]]  # ablation curves stay in the JSON: too many lines
+    # ablation and seeded-comparison curves stay in the JSON: too many lines
+    shown = [r for r in runs if r["curve"] and not r["variant"] and not r.get("labeled_count")]
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(shown), 1)))
     for index, r in enumerate(sorted(shown, key=lambda r: (r["labeled"], r["method"], r["network"], r["seed"]))):
         x, y = zip(*r["curve"])
@@ -131,6 +174,85 @@ def render(runs: list[dict]) -> None:
     axis.set_xlabel("iteration")
     _finish_plot(figure, axis, "Hippocampus, CPU: validation Dice during training", "hippocampus_cpu_curves.png")
     plot_dice_vs_fraction(runs, plt)
+    plot_dice_vs_count(runs, plt)
+
+
+def comparison_groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Seeded count runs grouped by (network, iterations, labeled count, method, variant)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r.get("labeled_count"):
+            key = (r["network"], r["iterations"], r["labeled_count"], r["method"], r["variant"])
+            groups.setdefault(key, []).append(r)
+    return groups
+
+
+def seed_averaged_case_dice(group: list[dict], seeds: set[int]) -> dict[str, float]:
+    """Each validation case's Dice (mean over classes), averaged over the given seeds."""
+    chosen = [r for r in group if r["seed"] in seeds]
+    return {case: float(np.mean([np.nanmean(r["per_case_dice"][case]) for r in chosen])) for case in chosen[0]["per_case_dice"]}
+
+
+def comparison_lines(runs: list[dict]) -> list[str]:
+    """The seeded comparison: mean ± sd over seeds, and against supervised-only with the same labeled count,
+    network and budget: Δ Dice over the seeds both have, Wilcoxon signed-rank p over the paired cases, cases
+    better, and the share of the gap to supervised with every training case labeled that the method closes."""
+    from scipy.stats import wilcoxon
+
+    groups = comparison_groups(runs)
+    if not groups:
+        return []
+    lines = ["", "## Seeded comparison (labeled count, several seeds)", "",
+             "Same 40 validation cases for every seed; the seed draws the labeled cases and the training randomness.",
+             "Dice: mean ± sd over seeds of the validation mean. Δ: against supervised-only with the same labeled count,",
+             "network and iterations, over the seeds both have; p: Wilcoxon signed-rank test over the 40 cases' seed-averaged",
+             "Dice; better: cases where the method's seed-averaged Dice is higher; gap closed: Δ / (supervised with all 160",
+             "labeled - supervised with n). Time: mean training wall-clock (runs shared the 2 cores, one thread each).", "",
+             "| labeled | method | network | iterations | seeds | Dice | Δ vs supervised | p | better | gap closed | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "supervised", k[3], k[4])):
+        network, iterations, count, method, variant = key
+        group = groups[key]
+        seeds = {r["seed"] for r in group}
+        dice = [r["dice_mean"] for r in group]
+        cells = ["", "", "", ""]
+        reference = groups.get((network, iterations, count, "supervised", ""))
+        ceiling = groups.get((network, iterations, TRAINING_CASES, "supervised", ""))
+        shared = seeds & {r["seed"] for r in reference} if reference else set()
+        if shared and (method, variant) != ("supervised", ""):
+            ours, theirs = seed_averaged_case_dice(group, shared), seed_averaged_case_dice(reference, shared)
+            cases = sorted(ours)
+            difference = np.array([ours[c] - theirs[c] for c in cases])
+            cells[0] = f"{difference.mean():+.4f} ({len(shared)} seeds)"
+            cells[1] = f"{wilcoxon(difference).pvalue:.3g}" if np.any(difference) else "1"
+            cells[2] = f"{int((difference > 0).sum())}/{len(cases)}"
+            if ceiling:
+                gap = np.mean([r["dice_mean"] for r in ceiling]) - np.mean([r["dice_mean"] for r in reference if r["seed"] in shared])
+                cells[3] = f"{difference.mean() / gap:.0%}" if gap > 0 else ""
+        name = method + (f" ({variant})" if variant else "")
+        lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f} ± {np.std(dice):.4f} | "
+                     + " | ".join(cells) + f" | {np.mean([r['train_seconds'] for r in group]) / 60:.1f} |")
+    return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
+
+
+def plot_dice_vs_count(runs: list[dict], plt) -> None:
+    """Mean Dice over seeds against the labeled count, seeds' sd as error bars; one line per method, network and budget."""
+    lines: dict[tuple, dict[int, list[float]]] = {}
+    for (network, iterations, count, method, variant), group in comparison_groups(runs).items():
+        if not variant:
+            lines.setdefault((method, network, iterations), {})[count] = [r["dice_mean"] for r in group]
+    if not lines:
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for (method, network, iterations), points in sorted(lines.items()):
+        counts = sorted(points)
+        axis.errorbar(counts, [np.mean(points[c]) for c in counts], yerr=[np.std(points[c]) for c in counts], marker="o",
+                      markersize=4, capsize=3, label=f"{method} ({network}, {iterations} it)")
+    axis.set_xscale("log")
+    ticks = sorted({c for points in lines.values() for c in points})
+    axis.set_xticks(ticks, [str(c) for c in ticks])
+    axis.set_xlabel("labeled training cases (of 160; the rest unlabeled)")
+    _finish_plot(figure, axis, "Hippocampus, CPU: Dice vs labeled count (mean ± sd over seeds)", "hippocampus_cpu_counts.png")
 
 
 def _finish_plot(figure, axis, title: str, file_name: str) -> None:
@@ -140,6 +262,9 @@ def _finish_plot(figure, axis, title: str, file_name: str) -> None:
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(RESULTS / file_name, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)  # rendered after every run: keep no figure open
 
 
 def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
@@ -147,7 +272,7 @@ def plot_dice_vs_fraction(runs: list[dict], plt) -> None:
     with several seeds, the mean and the seeds' sd as error bars."""
     by_method: dict[tuple[str, str], dict[float, list[float]]] = {}
     for r in runs:
-        if not r["variant"]:
+        if not r["variant"] and not r.get("labeled_count"):
             by_method.setdefault((r["method"], r["network"]), {}).setdefault(r["labeled"], []).append(r["dice_mean"])
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for (method, network), points in sorted(by_method.items()):
@@ -179,7 +304,7 @@ def parse_method_options(texts: list[str], runs: list[str]) -> dict[str, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["supervised:0.1", "mean-teacher:0.1", "cps:0.1", "supervised:1.0"],
-                        help="METHOD:LABELED_FRACTION[:VARIANT], VARIANT naming a set of --option values")
+                        help="METHOD:LABELED_FRACTION[:VARIANT] or METHOD:nCOUNT[:VARIANT] (a seeded comparison), VARIANT naming a set of --option values")
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--validate-every", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -204,9 +329,11 @@ def main() -> int:
         method_options = parse_method_options(args.option, args.runs)
         for seed in args.seeds:
             for run in args.runs:
-                method, fraction, *variant = run.split(":")
+                method, budget, *variant = run.split(":")
+                count = int(budget[1:]) if budget.startswith("n") else None
                 options = {**method_options.get(method, {}), **(method_options.get(f"{method}:{variant[0]}", {}) if variant else {})}
-                spec = {"method": method, "labeled": float(fraction), "variant": variant[0] if variant else "", "seed": seed,
+                spec = {"method": method, "labeled": count / TRAINING_CASES if count else float(budget), "labeled_count": count,
+                        "variant": variant[0] if variant else "", "seed": seed,
                         "iterations": args.iterations, "validate_every": args.validate_every, "network": args.network,
                         "network_options": network_options, "options": options, "optimizer": args.optimizer, "lr": args.lr,
                         "workers": args.workers, "threads": args.threads}
@@ -218,9 +345,8 @@ def main() -> int:
                 child.join()
                 result["machine"] = machine
                 print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-                identity = ("method", "network", "labeled", "seed", "variant")
                 runs = json.loads(results_path.read_text()) if results_path.exists() else []  # re-read: other runs may have finished meanwhile
-                runs = [r for r in runs if any(r[k] != result[k] for k in identity)] + [result]
+                runs = [r for r in runs if run_identity(r) != run_identity(result)] + [result]
                 results_path.write_text(json.dumps(runs, indent=1))
                 render(runs)
     render(runs)
