@@ -1,0 +1,83 @@
+"""The benchmark scripts' own logic: the hippocampus benchmark's --option parsing (a variant name with a dot
+once sent its options nowhere), its seeded split and paired comparison, and the GPU check's refusal on a CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semiseg.datasets import choose_split, load_dataset
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "hippocampus_cpu.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("hippocampus_cpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_options_reach_variants_whose_names_contain_dots():
+    parse = _benchmark().parse_method_options
+    runs = ["dual-subnet:0.1:weight-0.1", "dk-uxnet:0.1", "sscl:0.1:baseline"]
+    options = parse(["dual-subnet:weight-0.1.unlabeled_weight=0.1", "dk-uxnet.queries=32", "sscl:baseline.spectral=false"], runs)
+    assert options == {"dual-subnet:weight-0.1": {"unlabeled_weight": 0.1}, "dk-uxnet": {"queries": 32}, "sscl:baseline": {"spectral": False}}
+
+
+def test_an_option_for_no_run_is_refused():
+    with pytest.raises(SystemExit, match="dual-subnet:weight-0"):
+        _benchmark().parse_method_options(["dual-subnet:weight-0.unlabeled_weight=0.1"], ["dual-subnet:0.1:weight-0.1"])
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus").is_dir(), reason="needs ../shared/data")
+def test_seeded_split_keeps_the_validation_cases_and_draws_nested_labeled_sets(tmp_path):
+    benchmark = _benchmark()
+    drawn = {}
+    for seed in (0, 1):
+        for count in (4, 16):
+            folder = tmp_path / f"{seed}-{count}"
+            folder.mkdir()
+            labeled, validation = benchmark.seeded_split_files(folder, count, seed)
+            drawn[seed, count] = set(Path(labeled).read_text().split()), Path(validation).read_text().split()
+    earlier_rows = choose_split(load_dataset(benchmark.DATA), "10%", "40", 0).validation
+    for (seed, count), (labeled, validation) in drawn.items():
+        assert validation == earlier_rows and len(labeled) == count and not labeled & set(validation)
+    assert drawn[0, 4][0] < drawn[0, 16][0] and drawn[1, 4][0] < drawn[1, 16][0]
+    assert drawn[0, 16][0] != drawn[1, 16][0]
+
+
+def _run(method: str, count: int, seed: int, per_case: list[float]) -> dict:
+    return {"method": method, "variant": "", "network": "vnet", "iterations": 1000, "labeled_count": count, "seed": seed,
+            "labeled": count / 160, "dice_mean": float(np.mean(per_case)), "train_seconds": 60.0,
+            "per_case_dice": {f"case{i}": [d, d] for i, d in enumerate(per_case)}}
+
+
+def test_comparison_pairs_cases_over_the_seeds_both_methods_have():
+    rng = np.random.default_rng(0)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
+    runs += [_run("cps", 4, seed, list(base[seed] + 0.05)) for seed in (0, 1)]  # seed 2 not run yet
+    runs += [_run("supervised", 160, 0, list(np.full(30, 0.9)))]
+    row = next(line for line in _benchmark().comparison_lines(runs) if line.startswith("| 4 | cps "))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[5].startswith("0.7") and cells[6] == "+0.0500 (2 seeds)"
+    assert float(cells[7]) < 1e-5 and cells[8] == "30/30"
+    expected_gap = 0.05 / (0.9 - np.mean([np.mean(base[s]) for s in (0, 1)]))
+    assert cells[9] == f"{expected_gap:.0%}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_clearly_without_cuda_and_writes_nothing(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["gpu_check: error: no CUDA device here (torch.cuda.is_available() is False); run this on a GPU machine"]
+    assert not (tmp_path / "results").exists()
