@@ -22,11 +22,12 @@ Choices where the paper is silent, and deviations from the released code:
   The code averages parameters only and leaves the teacher's batch-norm statistics to its own
   forward passes; here `ema_update` also averages them. The teacher only runs in training mode
   (batch statistics), so this changes no pseudo-label.
-- Batches are halved as in the code (a = first half, b = second half; with one patch per batch
-  both halves are that patch). The code's batch is 4 labeled + 4 unlabeled; the trainer's default
-  is 2 + 2, i.e. one patch per half.
-- The box is placed uniformly over all positions inside the patch (the code's
-  np.random.randint excludes the last one); one box per step for the whole batch, as the code.
+- Batches are halved as in the code (a = first half, b = second half). The code's batch is
+  4 labeled + 4 unlabeled; the trainer's default 2 + 2 gives one patch per half. Of an odd batch
+  the middle patch is in both halves (a single patch is both).
+- The box's position is random, as the abstract's "random crop" and the 3D code's context_mask
+  (not a central crop); one box per step for the whole batch, as the code. Here every position
+  inside the patch can be drawn (the code's np.random.randint excludes the last one).
 - More than two classes: pseudo-labels are the argmax (the code thresholds the foreground
   probability at 0.5, the same for two classes) and the largest component is kept per class.
 - Augmentation is the trainer's (the code: random rotation by 90 degrees, flip, crop).
@@ -64,7 +65,7 @@ def paste(background: torch.Tensor, foreground: torch.Tensor, inside: torch.Tens
 
 
 def halves(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and second half of a batch (both the whole batch when it holds one patch)."""
+    """First and second half of a batch; of an odd batch the middle patch is in both (one patch: both are it)."""
     half = (len(batch) + 1) // 2
     return batch[:half], batch[len(batch) - half:]
 
