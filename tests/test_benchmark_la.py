@@ -234,3 +234,30 @@ def test_labeled_cases_missing_on_disk_and_bad_table_input(la_tree, tmp_path, ca
     assert code == 2 and "--labeled" in _one_error_line(err)
     code, _, err = run_cli(capsys, "benchmark", "la", "--table", tmp_path)
     assert code == 2 and "results.json" in _one_error_line(err)
+
+
+# Per-method paper settings ------------------------------------------------------------------------
+
+def test_paper_settings_give_bcp_its_published_la_run_and_explicit_options_win():
+    from semiseg.cli import build_parser
+    from semiseg.methods import build_method
+    from semiseg.methods.base import NetworkSpec, StepInfo
+
+    args = build_parser().parse_args(["benchmark", "la", "--data", "LA", "--out", "run", "--method", "bcp", "--paper-settings",
+                                      "--option", "alpha=0.4"])
+    la.apply_paper_settings(args)
+    assert (args.iterations, args.batch_size, args.convention, args.select_from) == (17000, 4, "best-lcc", 2200)
+    options, network_options = dict(args.option), dict(args.network_option)
+    assert options["alpha"] == 0.4 and network_options == {"dropout": True}
+    # The recorded options are ones the method and the network take, and give the code's 2000 pre-training iterations.
+    method = build_method("bcp", 1, 2, NetworkSpec(args.network, network_options), options)
+    assert method.networks["student"].dropout.p == 0.5
+    stages = [method.pretraining(StepInfo(i, args.iterations)) for i in (1999, 2000)]
+    assert stages == [True, False]
+
+
+def test_paper_settings_for_a_method_without_them_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "benchmark", "la", "--data", tmp_path, "--out", tmp_path / "out", "--method", "cps",
+                           "--paper-settings")
+    assert code == 2 and "--paper-settings" in _one_error_line(err)
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ METHOD_ARGUMENTS = {
     "sscl": [],
     "dual-subnet": [],
     "voxel-adversarial": [],
+    "bcp": [],
     "3d-cps": ["--network", "residual-unet"],
     "dk-uxnet": ["--network", "uxnet", "--option", "queries=8", "--option", "query_dim=16", "--option", "ffn_dim=32",
                  "--option", "heads=2"],

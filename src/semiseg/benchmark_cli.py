@@ -77,6 +77,8 @@ def add_parser(commands) -> None:
     la.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line (default: 10)")
     la.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     la.add_argument("--overwrite", action="store_true", help="replace the runs and results already in --out")
+    la.add_argument("--paper-settings", action="store_true",
+                    help="train as the method's paper/code does on LA (iterations, batch, options, convention; recorded for: bcp); replaces --iterations, --batch-size, --select-from and --convention")
     la.add_argument("--table", nargs="+", metavar="RUN_DIR", help="build one table from finished runs' results.json instead of training")
     la.add_argument("--smoke-patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
     la.add_argument("--smoke-stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
@@ -85,6 +87,10 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.table:
         return _table(args)
+    if args.paper_settings:
+        from semiseg.benchmark_la import apply_paper_settings
+
+        apply_paper_settings(args)
     return _benchmark(args)
 
 

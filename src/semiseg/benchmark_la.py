@@ -73,6 +73,42 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class PaperSettings:
+    """A method's own LA training run as its released code sets it (`semiseg benchmark la --paper-settings`)."""
+
+    iterations: int
+    batch_size: int  # labeled patches per iteration, as many unlabeled
+    convention: str
+    select_from: int  # first iteration whose checkpoint best-lcc may select
+    method_options: dict[str, Any]
+    network_options: dict[str, Any]
+    source: str
+
+
+# By method name. The trainer runs one budget: a method's stages are fractions of it (its options).
+PAPER_SETTINGS = {
+    "bcp": PaperSettings(
+        iterations=17000, batch_size=4, convention="best-lcc", select_from=2200,
+        method_options={"pretrain": 2000 / 17000}, network_options={"dropout": True},
+        source="BCP code/LA_BCP_train.py: 2000 pre-training + 15000 self-training iterations, 4 labeled + 4 unlabeled "
+               "patches, VNet with dropout; the best self-training checkpoint (checked every 200 iterations) tested "
+               "with the largest connected component (test_LA.py --nms 1)"),
+}
+
+
+def apply_paper_settings(args: Any) -> None:
+    """Set the parsed `semiseg benchmark la` arguments to the method's published LA run; options
+    given with --option / --network-option win over the published ones."""
+    settings = PAPER_SETTINGS.get(args.method)
+    if settings is None:
+        raise InputError(f"--paper-settings: none recorded for method '{args.method}' (recorded: {', '.join(sorted(PAPER_SETTINGS))})")
+    args.iterations, args.batch_size, args.select_from = settings.iterations, settings.batch_size, settings.select_from
+    args.convention = settings.convention
+    args.option = [*settings.method_options.items(), *args.option]
+    args.network_option = [*settings.network_options.items(), *args.network_option]
+
+
 def xyz(values: Sequence[int]) -> str:
     return "×".join(str(int(v)) for v in values)
 

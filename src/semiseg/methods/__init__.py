@@ -6,6 +6,7 @@ from typing import Any
 
 from semiseg.errors import InputError
 from semiseg.methods.base import Method, NetworkSpec
+from semiseg.methods.bcp import BidirectionalCopyPaste
 from semiseg.methods.cps import CrossPseudoSupervision
 from semiseg.methods.dk_uxnet import DKUXNet
 from semiseg.methods.dual_subnet import DualSubnetContrastive
@@ -15,7 +16,7 @@ from semiseg.methods.sscl import SSCL
 from semiseg.methods.three_d_cps import ThreeDCrossPseudoSupervision
 from semiseg.methods.voxel_adversarial import VoxelAdversarial
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, MeanTeacher, CrossPseudoSupervision, DKUXNet, SSCL, ThreeDCrossPseudoSupervision, DualSubnetContrastive, VoxelAdversarial)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, MeanTeacher, CrossPseudoSupervision, DKUXNet, SSCL, ThreeDCrossPseudoSupervision, DualSubnetContrastive, VoxelAdversarial, BidirectionalCopyPaste)}
 
 
 def register_method(method: type[Method]) -> type[Method]:
