@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.inferers import sliding_window_inference
 
 from semiseg.cli import main
 from semiseg.errors import InputError, OutputExistsError
@@ -19,7 +18,7 @@ from semiseg.inference import predict_volume
 from semiseg.io import read_volume
 from semiseg.methods import build_method
 from semiseg.methods.base import NetworkSpec
-from semiseg.model_export import export_onnx, export_torchscript, load_exported, read_plan, read_spec
+from semiseg.model_export import export_onnx, export_torchscript, load_exported, predict_with_exported, read_plan, read_spec
 from semiseg.models import Model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +45,8 @@ def test_exported_model_reproduces_predict(model, export_format, resampled, tmp_
         model = dataclasses.replace(model, plan=dataclasses.replace(model.plan, target_spacing=(1.3, 1.2, 1.1)))
     model_path, plan_path = EXPORTERS[export_format](model, tmp_path / "model")
     scan = read_volume(SCAN)
-    plan, window = read_plan(plan_path), read_spec(plan_path)["sliding_window"]
-    image = torch.from_numpy(plan.preprocess_image(scan))[None, None]
-    with torch.no_grad():
-        output = sliding_window_inference(image, window["roi_size"], 3, load_exported(model_path),
-                                          overlap=window["overlap"], mode=window["mode"])
-    probabilities = plan.restore(output[0].numpy(), scan)
+    # Three windows a batch: the exported batch axis must take other sizes than the traced two.
+    probabilities = predict_with_exported(scan, load_exported(model_path), read_spec(plan_path), sw_batch_size=3)
 
     expected = engine_probabilities(model, scan)
     assert probabilities.shape == expected.shape == (3, *scan.shape)

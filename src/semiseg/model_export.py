@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from semiseg.errors import InputError, OutputExistsError
+from semiseg.io import Volume
 from semiseg.models import Model
 from semiseg.preprocessing import Plan
 
@@ -146,6 +148,17 @@ def load_exported(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Ten
         return torch.from_numpy(output)
 
     return run
+
+
+@torch.no_grad()
+def predict_with_exported(scan: Volume, network: Callable[[torch.Tensor], torch.Tensor], spec: dict[str, Any],
+                          sw_batch_size: int = 2) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on the scan's grid from an exported module: the README's
+    recipe (the plan's preprocessing, MONAI's sliding window, the plan's restoration) as a function."""
+    plan, window = Plan.from_dict(spec["plan"]), spec["sliding_window"]
+    image = torch.from_numpy(plan.preprocess_image(scan))[None, None]
+    output = sliding_window_inference(image, window["roi_size"], sw_batch_size, network, overlap=window["overlap"], mode=window["mode"])
+    return plan.restore(output[0].numpy(), scan)
 
 
 def plan_path_for(model_path: Path) -> Path:
