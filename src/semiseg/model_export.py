@@ -31,8 +31,8 @@ from semiseg.models import Model
 from semiseg.preprocessing import Plan
 
 PLAN_FORMAT = "semiseg-exported-model"
-# Opset 17 is the newest that every onnxruntime >= 1.14 runs (the `export` extra asks for >= 1.18),
-# and it has every operator the semiseg networks use.
+# Opset 17: LayerNormalization (UX-Net) is one operator from 17 on, and onnxruntime 1.18 (the
+# `export` extra's minimum) runs it; nothing newer is needed by the networks that export.
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 SLIDING_WINDOW_MODE = "gaussian"  # predict_probabilities' default blending
@@ -42,7 +42,9 @@ class CombinedProbabilities(nn.Module):
     """The method's predictors and their averaging as one module: (B, C_in, z, y, x) -> (B, classes, z, y, x).
 
     The whole method is held as a submodule so that predictors which are closures over it
-    (dk-uxnet's) trace with its weights as parameters, not as constants."""
+    (dk-uxnet's) trace with its weights as parameters, not as constants. The TorchScript file
+    therefore also carries training-only networks (a discriminator, projection heads); the ONNX
+    graph keeps only the weights the predictors use."""
 
     def __init__(self, model: Model):
         super().__init__()
@@ -161,7 +163,7 @@ def predict_with_exported(scan: Volume, network: Callable[[torch.Tensor], torch.
     return plan.restore(output[0].numpy(), scan)
 
 
-def plan_path_for(model_path: Path) -> Path:
+def _plan_path_for(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.plan.json")
 
 
@@ -171,7 +173,7 @@ def _prepare(model: Model, path: str | os.PathLike, suffix: str, overwrite: bool
     model_path = Path(path)
     if model_path.suffix != suffix:
         model_path = model_path.with_name(model_path.name + suffix)
-    plan_path, spec = plan_path_for(model_path), export_spec(model)
+    plan_path, spec = _plan_path_for(model_path), export_spec(model)
     if not overwrite:
         for existing in (model_path, plan_path):
             if existing.exists() and not (existing == plan_path and _same_plan(plan_path, spec)):
