@@ -50,7 +50,7 @@ def main() -> None:
     model = load_model(args.checkpoint)
     scans = {case: read_volume(ROOT / "resources" / "hippocampus" / "imagesTs" / f"{case}.nii.gz") for case in CASES}
     engine = {case: predict_volume(scan, model.plan, model.predictors(), torch.device("cpu"), model.overlap) for case, scan in scans.items()}
-    results: dict = {"checkpoint": args.checkpoint, "threads": 1, "repeats": args.repeats, "cases": CASES, "formats": {}}
+    results: dict = {"checkpoint": os.path.relpath(args.checkpoint, ROOT), "threads": 1, "repeats": args.repeats, "cases": CASES, "formats": {}}
     runners = {"engine": lambda scan: predict_volume(scan, model.plan, model.predictors(), torch.device("cpu"), model.overlap)}
     with tempfile.TemporaryDirectory() as folder:
         for name, export in (("torchscript", export_torchscript), ("onnx", export_onnx)):
