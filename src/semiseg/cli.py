@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the training methods and their options")
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint")
+    export = commands.add_parser("export-model", help="export a checkpoint as TorchScript or ONNX for use without semiseg",
+                                 description="Write OUT/model.pt (TorchScript) or OUT/model.onnx, a module from an image patch to the class probabilities `predict` averages, and OUT/model.plan.json (preprocessing plan, classes, sliding window).")
+    export.add_argument("checkpoint", help="checkpoint folder (e.g. runs/demo/best)")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
 
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info, "benchmark": _benchmark}[args.command]
+    handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info, "benchmark": _benchmark,
+               "export-model": _export_model}[args.command]
     try:
         return handler(args) or 0
     except SemisegError as error:
@@ -484,6 +491,19 @@ def _info(args: argparse.Namespace) -> int:
         f"written by: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
     ]
     print("\n".join(lines))
+    return 0
+
+
+# export-model -----------------------------------------------------------------------------------
+
+def _export_model(args: argparse.Namespace) -> int:
+    from semiseg.model_export import export_onnx, export_torchscript
+    from semiseg.models import load_model
+
+    model = load_model(args.checkpoint)
+    export = export_onnx if args.format == "onnx" else export_torchscript
+    model_path, plan_path = export(model, Path(args.out) / "model", overwrite=args.overwrite)
+    print(f"model: {model_path}\nplan: {plan_path}")
     return 0
 
 

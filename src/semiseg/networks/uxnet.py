@@ -41,8 +41,9 @@ class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, D, H, W) map (ConvNeXt's channels-first LayerNorm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous: a channels-last result makes the next depth-wise convolution's CPU backward ~30x slower
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+        # contiguous: a channels-last result makes the next depth-wise convolution's CPU backward ~30x slower;
+        # axis 4, not -1: torch's ONNX exporter writes a negative axis into an invalid Transpose
+        return super().forward(x.movedim(1, 4)).movedim(4, 1).contiguous()
 
 
 class UXBlock(nn.Module):
