@@ -20,6 +20,7 @@ from semiseg.checkpoint import read_meta  # noqa: E402
 from semiseg.io import read_volume  # noqa: E402
 from semiseg.metrics import case_metrics  # noqa: E402
 from semiseg.models import load_model  # noqa: E402
+from semiseg.napari.placement import layer_world_matrix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "resources" / "hippocampus"
@@ -93,13 +94,11 @@ def test_reader_places_scan_and_labels_physically(make_napari_viewer, case_paths
     image, label = open_case(viewer, case_paths)
     source = read_volume(case_paths[0])
     assert isinstance(image, Image) and isinstance(label, Labels)
-    np.testing.assert_allclose(image.scale, source.geometry.spacing_zyx)
-    np.testing.assert_allclose(image.translate, source.geometry.origin_zyx)
+    np.testing.assert_allclose(image.data_to_world((0, 0, 0)), source.geometry.origin_zyx)
     np.testing.assert_array_equal(image.data, source.array)
     assert image.metadata["geometry"] == source.geometry.to_dict()
     assert image.metadata["source_path"] == str(case_paths[0])
-    np.testing.assert_allclose(label.scale, image.scale)
-    np.testing.assert_allclose(label.translate, image.translate)
+    np.testing.assert_allclose(label.affine.affine_matrix, image.affine.affine_matrix)
     assert label.metadata["image_path"] == str(case_paths[0])  # labelsTr/x -> imagesTr/x
     assert label.metadata["class_names"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
     assert set(np.unique(label.data)) == {0, 1, 2}
@@ -113,7 +112,7 @@ def test_reader_opens_a_dicom_series_and_la_h5(make_napari_viewer):
     viewer = make_napari_viewer()
     [ct] = viewer.open(str(dicom), plugin=PLUGIN)
     assert isinstance(ct, Image) and ct.data.shape == (20, 512, 512)
-    np.testing.assert_allclose(ct.scale, (2.0, 0.98, 0.98), atol=0.01)
+    np.testing.assert_allclose(np.linalg.norm(ct.affine.affine_matrix[:3, :3], axis=0), (2.0, 0.98, 0.98), atol=0.01)
     image, label = viewer.open(str(la[0]), plugin=PLUGIN)
     assert isinstance(image, Image) and isinstance(label, Labels) and image.data.shape == label.data.shape
     assert set(np.unique(label.data)) <= {0, 1}
@@ -152,6 +151,90 @@ def test_writer_restores_the_source_geometry(make_napari_viewer, case_paths, tmp
 
     assert write_labels(str(case_paths[0]), label.data, {"metadata": label.metadata, "name": label.name}) == []
     assert case_paths[0].read_bytes() == before
+
+
+# Geometry: world coordinates are physical coordinates; masks keep their scan's geometry ----------------
+
+SCANS = [SAMPLE / "imagesTr" / "hippocampus_001.nii.gz"] + [SHARED / "samples" / name for name in
+                                                             ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "example_ct_dicom")]
+
+
+def itk_image(path: Path):
+    import SimpleITK as sitk
+
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def some_voxels(shape_zyx):
+    z, y, x = (s - 1 for s in shape_zyx)
+    return [(0, 0, 0), (z, y, x), (z, 0, 0), (0, y, 0), (0, 0, x), (z // 2, y // 3, x // 4)]
+
+
+def physical_zyx(image, index_zyx):
+    return image.TransformIndexToPhysicalPoint([int(i) for i in reversed(index_zyx)])[::-1]
+
+
+@pytest.mark.parametrize("path", SCANS, ids=lambda p: p.name)
+def test_world_coordinates_are_itk_physical_points(make_napari_viewer, path):
+    source = itk_image(path)
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(path), plugin=PLUGIN)
+    for index in some_voxels(scan.data.shape):
+        np.testing.assert_allclose(scan.data_to_world(index), physical_zyx(source, index), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", SCANS, ids=lambda p: p.name)
+def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qtbot, tmp_path, messages, path):
+    import SimpleITK as sitk
+
+    from semiseg.napari.widgets import ExportWidget
+
+    source = itk_image(path)
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(path), plugin=PLUGIN)
+    viewer.layers.selection.active = scan
+    viewer._new_labels()  # what napari's New Labels button does
+    painted = viewer.layers[-1]
+    assert isinstance(painted, Labels) and "geometry" not in painted.metadata
+    painted.brush_size = 1
+    voxel = tuple(s // 3 for s in painted.data.shape)
+    painted.paint(voxel, 5)
+    export = ExportWidget(viewer)
+    viewer.window.add_dock_widget(export, name="Export")
+    export.folder.set_text(str(tmp_path / "export"))
+    click(qtbot, export.export_all)
+    assert messages["error"] == []
+    back = sitk.ReadImage(str(tmp_path / "export" / f"{painted.name.replace(' ', '_')}.nii.gz"))
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(back, get)(), getattr(source, get)(), rtol=0, atol=1e-6)
+    assert [tuple(i) for i in np.argwhere(sitk.GetArrayFromImage(back) == 5)] == [voxel]
+    np.testing.assert_allclose(physical_zyx(back, voxel), painted.data_to_world(voxel), rtol=0, atol=1e-6)
+    # napari's File > Save Selected Layers gives the same file.
+    saved = tmp_path / "saved.nrrd"
+    assert painted.save(str(saved), plugin=PLUGIN) == [str(saved)]
+    np.testing.assert_allclose(sitk.ReadImage(str(saved)).GetDirection(), source.GetDirection(), rtol=0, atol=1e-6)
+
+
+def test_a_label_layer_on_no_scans_grid_is_refused(make_napari_viewer, qtbot, tmp_path, messages, case_paths):
+    from semiseg.napari.widgets import ExportWidget
+
+    viewer = make_napari_viewer()
+    image, _ = open_case(viewer, case_paths)
+    stray = viewer.add_labels(np.ones(image.data.shape, np.uint8), name="stray", scale=(2.0, 2.0, 2.0))
+    export = ExportWidget(viewer)
+    for i in range(export.list.count()):
+        export.list.item(i).setCheckState(Qt.CheckState.Checked if export.list.item(i).text() == "stray" else Qt.CheckState.Unchecked)
+    export.folder.set_text(str(tmp_path / "export"))
+    click(qtbot, export.export_checked)
+    assert len(messages["error"]) == 1 and "lies on no open scan's grid" in messages["error"][0]
+    assert not any((tmp_path / "export").iterdir())
+    assert stray.save(str(tmp_path / "stray.nii.gz"), plugin=PLUGIN) == [] and not (tmp_path / "stray.nii.gz").exists()
 
 
 def test_sample_data_opens_image_and_labels(make_napari_viewer):
@@ -197,8 +280,7 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     errors = viewer.layers[f"{image.name} errors"]
     assert isinstance(prediction, Labels) and isinstance(errors, Labels)
     for layer in (prediction, entropy, disagreement, errors):
-        np.testing.assert_allclose(layer.scale, image.scale)
-        np.testing.assert_allclose(layer.translate, image.translate)
+        np.testing.assert_allclose(layer_world_matrix(layer), layer_world_matrix(image))
         assert layer.data.shape == image.data.shape
     assert set(np.unique(prediction.data)) <= {0, 1, 2}
     meta = read_meta(checkpoint)
@@ -272,7 +354,7 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     entropy = viewer.layers[f"{image.name} entropy"]
     entropy_before = np.array(entropy.data)
     # The user's correction: the reference outline painted into a new labels layer.
-    correction = viewer.add_labels(np.array(label.data), name="my correction", scale=image.scale, translate=image.translate)
+    correction = viewer.add_labels(np.array(label.data), name="my correction", affine=image.affine)
 
     widget = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Fine-tune")
@@ -342,7 +424,7 @@ def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_view
     first = viewer.layers[entries[0].name]
     prediction = viewer.layers[f"{entries[0].name} prediction"]
     assert isinstance(first, Image) and isinstance(prediction, Labels)
-    np.testing.assert_allclose(prediction.scale, first.scale)
+    np.testing.assert_allclose(layer_world_matrix(prediction), layer_world_matrix(first))
     assert entries[0].reviewed and widget.table.item(0, 3).text() == "✓"
     click(qtbot, widget.open_next)
     assert f"{entries[1].name} prediction" in viewer.layers and entries[1].reviewed and not entries[2].reviewed

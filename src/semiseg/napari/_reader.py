@@ -1,7 +1,7 @@
 """npe2 reader: NIfTI/NRRD/MHA/MHD files, DICOM series folders and LA h5 files.
 
-A scan opens as an Image layer placed physically (scale = spacing, translate = origin, z y x), with
-its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
+A scan opens as an Image layer placed physically (napari's `affine` = spacing × direction, origin,
+z y x: world coordinates are ITK's physical LPS coordinates), with its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
 labels*, a `_seg`/`_label`/`_mask` name, or whole-number data with few distinct values) opens as a
 Labels layer on the same grid. An LA h5 file gives both its `image` and its `label`.
 """

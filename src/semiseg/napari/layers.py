@@ -1,9 +1,9 @@
 """Layers <-> volumes, keeping every scan's physical geometry; error maps and metric tables.
 
-napari shows a volume with `scale` = spacing (z, y, x) and `translate` = origin (z, y, x); the full
-geometry (spacing, origin and the direction cosines napari cannot show with scale/translate) is
-kept in `layer.metadata` and is what every writer uses, so an exported mask lands exactly on its
-scan's grid whatever the viewer did with the layer's display transform.
+napari places a volume with its `affine` (spacing × direction cosines, origin; see `placement`), so
+world coordinates are physical ones. The full geometry is also kept in `layer.metadata` and is what
+every writer uses, so an exported mask lands exactly on its scan's grid whatever the viewer did
+with the layer's display transform.
 
 Metadata keys set on layers this plugin makes (all JSON-able):
   geometry       semiseg.io.Geometry.to_dict() of the voxel grid (SimpleITK x, y, z order)
@@ -30,6 +30,7 @@ import numpy as np
 from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, strip_suffix
 from semiseg.metrics import METRICS, case_metrics
+from semiseg.napari.placement import display_kwargs
 
 # Distinct values (in a sample of voxels) up to which an integer volume opens as a label map.
 MAX_LABEL_VALUES = 32
@@ -50,11 +51,6 @@ def geometry_metadata(geometry: Geometry, shape: tuple[int, ...], source_path: s
         metadata["source_path"] = str(source_path)
     metadata.update({k: v for k, v in extra.items() if v is not None})
     return metadata
-
-
-def display_kwargs(geometry: Geometry) -> dict[str, Any]:
-    """scale/translate for napari, (z, y, x). The direction cosines stay in the metadata only."""
-    return {"scale": [float(s) for s in geometry.spacing_zyx], "translate": [float(o) for o in geometry.origin_zyx]}
 
 
 def geometry_from(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], scale=None, translate=None, name: str = "layer") -> Geometry:

@@ -59,6 +59,7 @@ from semiseg.napari.layers import (
     names_from_metadata,
     volume_from_layer,
 )
+from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
 
 OUTPUT_ROLES = ("entropy", "disagreement")
 
@@ -129,8 +130,8 @@ def _put_layer(viewer, kind: type, name: str, data: np.ndarray, attributes: dict
         if kind is Image or _unedited(existing):
             existing.data = data
             existing.metadata = attributes["metadata"]
-            existing.scale = attributes["scale"]
-            existing.translate = attributes["translate"]
+            for key in TRANSFORM_KEYS:
+                setattr(existing, key, attributes[key])
             if "features" in attributes:
                 existing.features = attributes["features"]
             if "contrast_limits" in attributes:
@@ -156,7 +157,7 @@ def show_segmentation(viewer, image_layer, result: jobs.SegmentResult, protect=(
         "device": result.device,
         "tta": result.tta,
     }
-    placement = {"scale": list(image_layer.scale), "translate": list(image_layer.translate)}
+    placement = placement_of(image_layer)
     geometry, shape = prediction.labels.geometry, prediction.labels.shape
     names = result.class_names
     labels = prediction.labels.array
@@ -1014,7 +1015,7 @@ class ReviewWidget(QWidget):
         names = names_from_metadata({"class_names": (meta or {}).get("class_names")})
         common = {"source_path": entry.scan, "image_path": entry.scan, "image_layer": image.name, "checkpoint": self.queue.checkpoint,
                   "checkpoint_sha256": (meta or {}).get("weights_sha256"), "method": ((meta or {}).get("model") or {}).get("method")}
-        placement = {"scale": list(image.scale), "translate": list(image.translate)}
+        placement = placement_of(image)
         prediction = labels.array.astype(np.uint8, copy=False)
         self.viewer.add_labels(prediction, name=f"{image.name} prediction", opacity=0.6, features=label_features(names), **placement,
                                metadata=geometry_metadata(labels.geometry, labels.shape, role="prediction", class_names=jsonable_names(names),
@@ -1112,7 +1113,7 @@ class ExportWidget(QWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     def export(self, only_checked: bool = True) -> list[Path]:
-        from semiseg.napari.export import ExportItem, existing, export, targets
+        from semiseg.napari.export import existing, export, export_item, targets
 
         layers = self.chosen_layers(only_checked)
         folder = self.folder.text()
@@ -1123,7 +1124,7 @@ class ExportWidget(QWidget):
                 raise InputError("choose the export folder")
             folder_path = Path(folder).expanduser()
             folder_path.mkdir(parents=True, exist_ok=True)
-            items = [ExportItem(layer.name, volume_from_layer(layer, copy=True), dict(layer.metadata)) for layer in layers]
+            items = [export_item(layer, self.viewer.layers) for layer in layers]
             suffix = self.format.currentText()
             clashes = existing(targets(items, folder_path, suffix))
             if clashes and not self.confirm_overwrite(clashes):
