@@ -246,6 +246,54 @@ def test_sample_data_opens_image_and_labels(make_napari_viewer):
     assert label.metadata["class_names"]["1"] == "Anterior"
 
 
+# One session per window -------------------------------------------------------------------------------
+
+
+def docked(viewer, name):
+    """A widget docked the way napari's Plugins menu does it (napari hands it a proxy of the viewer)."""
+    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+
+
+def test_dock_widgets_of_one_window_share_one_session(make_napari_viewer, checkpoint, tmp_path, messages):
+    import shutil
+
+    viewer = make_napari_viewer()
+    segment, train, finetune, review = (docked(viewer, name) for name in ("Segment", "Train", "Fine-tune on correction", "Review queue"))
+    assert segment.viewer is not finetune.viewer  # napari's per-widget proxies...
+    assert segment.session is train.session is finetune.session is review.session  # ...of one window
+    assert segment.model.choose(str(checkpoint))
+    assert finetune.model.path() == review.model.path() == str(checkpoint)
+    # A model that Train reports finished is selected in the Segment and Fine-tune widgets already open.
+    trained = tmp_path / "other-run" / "best"
+    shutil.copytree(checkpoint, trained)
+    train.view.handle({"type": "end", "checkpoint": str(trained), "iteration": 10})
+    assert segment.session.last_run == str(trained)
+    assert str(trained) in [segment.model.combo.itemData(i) for i in range(segment.model.combo.count())]
+    assert segment.model.path() == finetune.model.path() == str(trained)
+    # Another window has its own session.
+    other_window = make_napari_viewer()
+    assert docked(other_window, "Segment").session is not segment.session
+    assert messages["error"] == []
+
+
+def test_finetune_preselects_the_labels_painted_last_never_the_reference(make_napari_viewer, case_paths):
+    viewer = make_napari_viewer()
+    image, reference = open_case(viewer, case_paths)
+    segment = docked(viewer, "Segment")
+    segment.reference.set_layer(reference)
+    viewer.layers.selection.active = image
+    viewer._new_labels()
+    painted = viewer.layers[-1]
+    painted.paint((10, 20, 15), 1)
+    unrelated = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="unrelated", affine=image.affine)
+    finetune = docked(viewer, "Fine-tune on correction")
+    assert finetune.labels.layer() is painted
+    unrelated.paint((3, 3, 3), 2)
+    assert finetune.labels.layer() is unrelated
+    reference.paint((3, 3, 3), 2)
+    assert finetune.labels.layer() is unrelated
+
+
 # Segment ----------------------------------------------------------------------------------------------
 
 

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
-from semiseg.napari._qt_common import CheckpointPicker, DevicePicker, FolderField, LayerChoice, Sparkline, ThreadJob, session_for
+from semiseg.napari._qt_common import CheckpointPicker, DevicePicker, FolderField, LayerChoice, Sparkline, ThreadJob
 from semiseg.napari.layers import (
     ERROR_COLORS,
     ERROR_NAMES,
@@ -60,6 +60,7 @@ from semiseg.napari.layers import (
     volume_from_layer,
 )
 from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
+from semiseg.napari.session import session_for
 
 OUTPUT_ROLES = ("entropy", "disagreement")
 
@@ -249,6 +250,7 @@ class SegmentWidget(QWidget):
         self.tta = QCheckBox("test-time augmentation (8 flips; 8× slower)")
         self.reference = LayerChoice(napari_viewer, Labels, none_text="none", accept=_user_labels)
         self.reference.setToolTip("A reference (ground-truth) label map on the same grid: adds an error map and per-class metrics")
+        self.reference.currentIndexChanged.connect(lambda index: self.session.set_reference(self.reference.layer()))
         box, form = _form()
         form.addRow("Scan", self.image)
         form.addRow("Model", self.model)
@@ -658,7 +660,7 @@ class TrainWidget(QWidget):
         if kind in ("end", "cancelled"):
             best = event.get("checkpoint")
             if best and checkpoints.is_checkpoint(best):
-                self.session.add(best)
+                self.session.finish_run(best)
                 self.buttons.status.setText(("stopped" if kind == "cancelled" else "finished") +
                                             f" at iteration {event.get('iteration')}; the model {best} is now selectable in Segment")
                 show_info(f"semiseg: training {'stopped' if kind == 'cancelled' else 'finished'}; model: {best}")
@@ -721,7 +723,7 @@ class FineTuneWidget(QWidget):
         self.correction_path: Path | None = None
         self.new_checkpoint: str | None = None
         self.image = LayerChoice(napari_viewer, Image, accept=_is_scan)
-        self.labels = LayerChoice(napari_viewer, Labels, accept=_user_labels, follow_active=True)
+        self.labels = LayerChoice(napari_viewer, Labels, accept=_user_labels)
         self.model = CheckpointPicker(self.session)
         self.folder = FolderField("folder of unlabeled scans (or a dataset folder)", "Choose the folder of unlabeled scans")
         self.use_labels = QCheckBox("also train on the folder's labeled scans, if any")
@@ -764,6 +766,25 @@ class FineTuneWidget(QWidget):
         layout.addStretch(1)
         self.buttons.start.clicked.connect(self.run)
         self.buttons.cancel.clicked.connect(self.cancel)
+        self._preselect_correction()
+        self.session.labels_painted.connect(self._painted)
+
+    def _preselect_correction(self) -> None:
+        """The label layer painted last; else any but Segment's reference."""
+        painted, reference = self.session.last_painted(), self.session.reference()
+        if painted is not None and painted is not reference:
+            self.labels.set_layer(painted)
+        elif self.labels.layer() is reference:
+            others = [layer for layer in self.labels.layers() if layer is not reference]
+            if others:
+                self.labels.set_layer(others[-1])
+
+    def _painted(self, layer) -> None:
+        try:
+            if layer is not self.session.reference():
+                self.labels.set_layer(layer)
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
 
     def run(self) -> None:
         from semiseg.checkpoint import read_meta
@@ -833,7 +854,7 @@ class FineTuneWidget(QWidget):
             self.buttons.status.setText(f"failed: {event.get('message')} (the correction stays saved: {self.correction_path})")
         elif kind == "exit":
             if self.new_checkpoint and checkpoints.is_checkpoint(self.new_checkpoint) and not self.state.get("cancelled"):
-                self.session.add(self.new_checkpoint)
+                self.session.finish_run(self.new_checkpoint)
                 self._repredict()
                 return
             self.buttons.busy(False)
@@ -898,7 +919,6 @@ class ReviewWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.queue = None
         self.job: ThreadJob | None = None
         self.folder = FolderField("folder of unlabeled scans", "Choose a folder of scans to review")
         self.model = CheckpointPicker(self.session)
@@ -928,6 +948,13 @@ class ReviewWidget(QWidget):
         self.buttons.cancel.clicked.connect(lambda: self.job.stop() if self.job else None)
         self.open_next.clicked.connect(self.next)
         self.table.cellDoubleClicked.connect(lambda row, column: self.open_entry(self.queue.entries[row]) if self.queue else None)
+        self.session.review_changed.connect(self.refresh)
+        self.refresh()
+
+    @property
+    def queue(self):
+        """The window's review queue: every Review widget of the window shows the same one."""
+        return self.session.review_queue
 
     def rank(self) -> None:
         from semiseg.checkpoint import read_meta
@@ -952,7 +979,7 @@ class ReviewWidget(QWidget):
             model = checkpoints.MODELS.get(checkpoint, device)
             return queue.rank(model, device, jobs.segment, progress, should_stop)
 
-        self.queue = queue
+        self.session.review_queue = queue
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
         self.buttons.status.setText("predicting the scans…")
@@ -976,18 +1003,21 @@ class ReviewWidget(QWidget):
         failed = [e for e in self.queue.entries if e.error]
         self.buttons.status.setText(f"{len(self.queue.entries) - len(failed)} scans ranked, most uncertain first"
                                     + (f"; {len(failed)} could not be read (hover them)" if failed else ""))
-        self.refresh()
+        self.session.review_changed.emit()
 
     def refresh(self) -> None:
         entries = self.queue.entries if self.queue else []
-        self.table.setRowCount(len(entries))
-        for row, entry in enumerate(entries):
-            score = "error" if entry.error else ("" if entry.score is None else f"{entry.score:.4f}")
-            for column, text in enumerate([str(row + 1), entry.name, score, "✓" if entry.reviewed else ""]):
-                item = QTableWidgetItem(text)
-                item.setToolTip(entry.error or entry.scan)
-                self.table.setItem(row, column, item)
-        self.open_next.setEnabled(self.queue is not None and self.queue.next_unreviewed() is not None)
+        try:
+            self.table.setRowCount(len(entries))
+            for row, entry in enumerate(entries):
+                score = "error" if entry.error else ("" if entry.score is None else f"{entry.score:.4f}")
+                for column, text in enumerate([str(row + 1), entry.name, score, "✓" if entry.reviewed else ""]):
+                    item = QTableWidgetItem(text)
+                    item.setToolTip(entry.error or entry.scan)
+                    self.table.setItem(row, column, item)
+            self.open_next.setEnabled(self.queue is not None and self.queue.next_unreviewed() is not None)
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
 
     def next(self):
         entry = self.queue.next_unreviewed() if self.queue else None
@@ -1026,7 +1056,7 @@ class ReviewWidget(QWidget):
                                   metadata=geometry_metadata(entropy.geometry, entropy.shape, role="entropy", **common))
         self.viewer.layers.selection.active = self.viewer.layers[f"{image.name} prediction"]
         self.queue.mark_reviewed(entry)
-        self.refresh()
+        self.session.review_changed.emit()
         self.table.selectRow(self.queue.entries.index(entry))
         self.buttons.status.setText(f"opened {entry.name} (uncertainty {entry.score:.4f})")
         return image
