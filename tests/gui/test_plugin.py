@@ -126,9 +126,32 @@ def test_reader_reports_a_corrupt_file_in_one_line(make_napari_viewer, tmp_path,
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a volume")
     assert reader.get_reader(str(broken)) is not None
-    assert reader.read_paths(str(broken)) == []
+    assert reader.read_paths(str(broken)) == [(None,)]  # npe2's "nothing to add"
     assert len(shown) == 1 and "\n" not in shown[0] and "broken.nii.gz" in shown[0]
     assert reader.get_reader(str(tmp_path / "notes.txt")) is None
+
+
+def test_a_corrupt_file_opened_from_the_menu_shows_only_the_plugins_message(make_napari_viewer, tmp_path, monkeypatch, case_paths):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(case_paths[0].read_bytes()[:5000])
+    from napari.settings import get_settings
+
+    # The user has chosen this plugin for .nii.gz (napari's reader dialog, "remember"); napari's
+    # error dialog would name the failure and offer the other readers.
+    monkeypatch.setattr(get_settings().plugins, "extension2reader", {"*.nii.gz": PLUGIN})
+    napari_errors = []
+    monkeypatch.setattr("napari._qt.qt_viewer.handle_gui_reading", lambda *args, **kwargs: napari_errors.append(kwargs or args))
+    viewer = make_napari_viewer()
+    for path in (broken, truncated):
+        viewer.window._qt_viewer._qt_open([str(path)], stack=False)  # File > Open, drag and drop
+        assert viewer.open(str(path), plugin=PLUGIN) == []
+    assert napari_errors == [] and len(viewer.layers) == 0
+    assert len(shown) == 4 and all("\n" not in text for text in shown)
+    assert "broken.nii.gz" in shown[0] and "truncated.nii.gz" in shown[2]
 
 
 def test_writer_restores_the_source_geometry(make_napari_viewer, case_paths, tmp_path):

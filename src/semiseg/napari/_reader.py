@@ -41,7 +41,14 @@ def get_reader(path):
     return read_paths
 
 
+# npe2's "read, and nothing to add" value. A reader that returns no layers (or declines in
+# get_reader, which napari asks only after choosing this plugin by file name) makes napari raise
+# "returned no data" / "refused the file" on top of the plugin's own message.
+NOTHING_TO_ADD = [(None,)]
+
+
 def read_paths(path) -> list[tuple]:
+    """The layers of every path that reads; a path that does not gets a one-line message instead."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers: list[tuple] = []
     for item in paths:
@@ -52,7 +59,7 @@ def read_paths(path) -> list[tuple]:
             from napari.utils.notifications import show_error
 
             show_error(f"semiseg: {error}")
-    return layers
+    return layers or NOTHING_TO_ADD
 
 
 def read_layers(path: str | Path) -> list[tuple]:
