@@ -299,6 +299,46 @@ def test_dock_widgets_of_one_window_share_one_session(make_napari_viewer, checkp
     assert messages["error"] == []
 
 
+def test_corrupt_checkpoints_are_refused_at_browse_and_dropped_from_the_recent_list(make_napari_viewer, checkpoint, tmp_path, messages):
+    import shutil
+
+    from semiseg.napari.checkpoints import recent_checkpoints
+
+    def copy(name):
+        target = tmp_path / name / "best"
+        shutil.copytree(checkpoint, target)
+        return target
+
+    def damage(folder, truncate=False):
+        weights = folder / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        if truncate:
+            del data[len(data) // 2:]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+    def offered(widget):
+        return [widget.model.combo.itemData(i) for i in range(widget.model.combo.count())]
+
+    viewer = make_napari_viewer()
+    segment = docked(viewer, "Segment")
+    assert segment.model.choose(str(checkpoint))
+    for name, truncate in (("flipped", False), ("truncated", True)):
+        broken = copy(name)
+        damage(broken, truncate)
+        assert not segment.model.choose(str(broken))
+        assert "checksum mismatch" in messages["error"][-1] and "\n" not in messages["error"][-1]
+        assert str(broken) not in offered(segment) and segment.model.path() == str(checkpoint)
+    # Intact when remembered, corrupted afterwards: dropped, and never a new window's default.
+    later = copy("later")
+    assert segment.model.choose(str(later)) and recent_checkpoints()[0] == str(later)
+    damage(later)
+    fresh = docked(make_napari_viewer(), "Segment")
+    assert fresh.model.path() == str(checkpoint) and str(later) not in offered(fresh)
+    assert str(later) not in recent_checkpoints()
+
+
 def test_finetune_preselects_the_labels_painted_last_never_the_reference(make_napari_viewer, case_paths):
     viewer = make_napari_viewer()
     image, reference = open_case(viewer, case_paths)

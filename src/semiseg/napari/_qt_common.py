@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from napari.utils.notifications import show_error
 
-from semiseg.checkpoint import read_meta
+from semiseg.checkpoint import verify
 from semiseg.errors import SemisegError
 from semiseg.napari import checkpoints
 from semiseg.napari.jobs import Cancelled
@@ -157,7 +157,7 @@ class CheckpointPicker(QWidget):
 
     def choose(self, folder: str) -> bool:
         try:
-            read_meta(folder)
+            verify(folder)  # a corrupt checkpoint is refused here, not when a job loads it
             self.session.add(folder)
         except SemisegError as error:
             show_error(f"semiseg: {error}")

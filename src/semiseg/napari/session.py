@@ -45,10 +45,10 @@ class Session:
         """Recent intact checkpoints, then the bundled default; the chosen one first if neither lists it."""
         found = []
         default = checkpoints.default_model_path()
-        for path in checkpoints.recent_checkpoints() + ([str(default)] if default else []):
+        for path in checkpoints.recent_checkpoints() + ([str(default)] if default and checkpoints.is_intact(default) else []):
             if path not in found:
                 found.append(path)
-        if self.checkpoint and self.checkpoint not in found and checkpoints.is_checkpoint(self.checkpoint):
+        if self.checkpoint and self.checkpoint not in found and checkpoints.is_intact(self.checkpoint):
             found.insert(0, self.checkpoint)
         return found
 
