@@ -624,6 +624,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     viewer = make_napari_viewer()
     widget = train_widget(viewer, tmp_path, iterations=4, validation=1)
     qtbot.waitUntil(lambda: "labeled" in widget.found.text(), timeout=30_000)
+    assert [spin.text() for spin in widget.patch] == ["auto"] * 3 and not widget.patch[0].isEnabled()
     assert "12 labeled, 8 unlabeled" in widget.found.text() and "spacing" in widget.found.text()
     click(qtbot, widget.buttons.start)
     qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
@@ -633,6 +634,9 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     assert [p for p in widget.view.sparkline.points] and len(widget.view.sparkline.points) == 2  # validated at 2 and 4
     assert "iteration 4/4" in widget.buttons.status.text() or "finished" in widget.buttons.status.text()
     assert load_model(best).meta["iteration"] == 4
+    # The greyed patch boxes show the patch the run chose.
+    log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
+    assert [spin.value() for spin in widget.patch] == next(e for e in log if e["type"] == "dataset")["patch_size"]
     from semiseg.napari.widgets import SegmentWidget
 
     segment = SegmentWidget(viewer)
@@ -659,6 +663,62 @@ def test_train_cancel_stops_cleanly_with_a_loadable_checkpoint(make_napari_viewe
     assert log[-1]["type"] == "cancelled"
     assert widget.session.checkpoint == str(tmp_path / "train-run" / "best")
     print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.meta['iteration']}")
+
+
+def test_doomed_jobs_are_refused_before_anything_is_written(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    train = docked(viewer, "Train")
+    train.output.set_text(str(tmp_path / "run"))
+    for folder, reason in ((tmp_path / "missing", "not a folder"), (SAMPLE / "imagesTs", "no labeled case")):
+        train.data.set_text(str(folder))
+        click(qtbot, train.buttons.start)
+        assert reason in messages["error"][-1] and train.process is None and not (tmp_path / "run").exists()
+    # Resuming a run with no iterations left (the fixture's run did 10).
+    train.data.set_text(str(SAMPLE))
+    train.labeled.setText("2")
+    train.validation.setValue(0)
+    train.output.set_text(str(Path(checkpoint).parent))
+    train.resume.setChecked(True)
+    train.iterations.setValue(10)
+    click(qtbot, train.buttons.start)
+    assert "done 10 iterations already" in messages["error"][-1] and train.process is None
+
+    finetune = docked(viewer, "Fine-tune on correction")
+    assert finetune.model.choose(str(checkpoint))
+    finetune.image.set_layer(image)
+    finetune.labels.set_layer(label)
+    finetune.output.set_text(str(tmp_path / "ft"))
+    (tmp_path / "empty").mkdir()
+    for folder, reason in ((tmp_path / "missing", "not a folder"), (tmp_path / "empty", "no images found")):
+        finetune.folder.set_text(str(folder))
+        click(qtbot, finetune.buttons.start)
+        assert reason in messages["error"][-1] and finetune.process is None and not (tmp_path / "ft").exists()
+    assert all("\n" not in text for text in messages["error"])
+
+
+def test_segment_offers_only_3d_scans_and_its_status_never_keeps_an_old_error(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
+    import shutil
+
+    viewer = make_napari_viewer()
+    image, _ = open_case(viewer, case_paths)
+    viewer.add_image(np.zeros((40, 50), np.float32), name="a 2D image")
+    viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="a photo", rgb=True)
+    viewer.add_image(np.zeros((5, 40, 50, 3), np.uint8), name="an RGB volume", rgb=True)
+    segment = docked(viewer, "Segment")
+    assert [segment.image.itemText(i) for i in range(segment.image.count())] == [image.name]
+    broken = tmp_path / "broken" / "best"
+    shutil.copytree(checkpoint, broken)
+    assert segment.model.choose(str(broken))
+    segment.device.combo.setCurrentText("cpu")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # corrupted after it was chosen
+    click(qtbot, segment.buttons.start)
+    wait_job(qtbot, segment)
+    assert segment.buttons.status.text().startswith("failed") and "checksum" in segment.buttons.status.text()
+    viewer.layers.remove(image)
+    click(qtbot, segment.buttons.start)
+    assert "checksum" not in segment.buttons.status.text() and "open a scan" in segment.buttons.status.text()
 
 
 def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):

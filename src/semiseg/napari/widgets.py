@@ -63,10 +63,13 @@ from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
 from semiseg.napari.session import session_for
 
 OUTPUT_ROLES = ("entropy", "disagreement")
+# Patch (z, y, x) offered when the user turns the automatic choice off before a run has made one.
+MANUAL_PATCH = (64, 96, 96)
 
 
 def _is_scan(layer) -> bool:
-    return layer.metadata.get("role") not in OUTPUT_ROLES
+    """A 3D single-channel image that is not one of the plugin's uncertainty maps."""
+    return layer.ndim == 3 and not getattr(layer, "rgb", False) and layer.metadata.get("role") not in OUTPUT_ROLES
 
 
 def _user_labels(layer) -> bool:
@@ -281,13 +284,11 @@ class SegmentWidget(QWidget):
         clicked = time.perf_counter()
         layer = self.image.layer()
         checkpoint = self.model.path()
-        if layer is None:
-            show_error("semiseg: open a scan first (File > Open, or File > Open Sample > Hippocampus MRI)")
-            return
-        if not checkpoint:
-            show_error("semiseg: choose a model first: train one (Train), or Browse… to a checkpoint folder")
-            return
         try:
+            if layer is None:
+                raise InputError("open a scan first (File > Open, or File > Open Sample > Hippocampus MRI)")
+            if not checkpoint:
+                raise InputError("choose a model first: train one (Train), or Browse… to a checkpoint folder")
             device = self.device.device()
             volume = volume_from_layer(layer)
             reference_layer = self.reference.layer()
@@ -298,6 +299,7 @@ class SegmentWidget(QWidget):
                     raise InputError(f"the reference '{reference_layer.name}' has shape {reference.shape}, the scan {volume.shape}; choose the scan's label map")
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
+            self.buttons.status.setText(f"not started: {_one_line(error)}")  # never an earlier run's outcome
             return
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
@@ -532,13 +534,13 @@ class TrainWidget(QWidget):
         patch_row = QHBoxLayout()
         patch_row.setContentsMargins(0, 0, 0, 0)
         patch_row.addWidget(self.auto_patch)
-        for spin, value in zip(self.patch, (64, 96, 96)):
-            spin.setRange(8, 1024)
+        for spin in self.patch:
+            spin.setRange(0, 1024)
             spin.setSingleStep(16)
-            spin.setValue(value)
-            spin.setEnabled(False)
+            spin.setSpecialValueText("auto")  # 0: chosen by the run, from the dataset (shown once it has)
             patch_row.addWidget(spin)
-        self.auto_patch.toggled.connect(lambda on: [s.setEnabled(not on) for s in self.patch])
+        self.auto_patch.toggled.connect(self._auto_patch_toggled)
+        self._auto_patch_toggled(True)
         patch_box = QWidget()
         patch_box.setLayout(patch_row)
         self.batch = QSpinBox()
@@ -582,10 +584,26 @@ class TrainWidget(QWidget):
         self.force_timer.setSingleShot(True)
         self.force_timer.timeout.connect(self._offer_force)
 
+    def _auto_patch_toggled(self, auto: bool) -> None:
+        for spin, manual in zip(self.patch, MANUAL_PATCH):
+            spin.setEnabled(not auto)
+            spin.setMinimum(0 if auto else 8)
+            if auto:
+                spin.setValue(0)
+            elif spin.value() < 8:
+                spin.setValue(manual)
+
+    def _show_patch(self, patch_size) -> None:
+        """The patch size a run chose itself, in the greyed boxes."""
+        if self.auto_patch.isChecked() and patch_size:
+            for spin, value in zip(self.patch, patch_size):
+                spin.setValue(int(value))
+
     # Dataset description --------------------------------------------------------------------------
     def _describe(self, folder: str) -> None:
         if not folder:
             return
+        self._auto_patch_toggled(self.auto_patch.isChecked())  # another dataset: its patch is not known yet
         from semiseg.napari.training_process import describe_dataset
 
         self.found.setText("looking…")
@@ -623,6 +641,7 @@ class TrainWidget(QWidget):
         )
 
     def start(self) -> None:
+        from semiseg.napari.preflight import check_training
         from semiseg.napari.training_process import cli_command
 
         if self.process is not None and self.process.running:
@@ -630,6 +649,7 @@ class TrainWidget(QWidget):
         try:
             self.device.device()
             config = self.config()
+            check_training(config)
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
             return
@@ -657,7 +677,9 @@ class TrainWidget(QWidget):
 
     def _event(self, event: dict) -> None:
         kind = event.get("type")
-        if kind in ("end", "cancelled"):
+        if kind == "dataset":
+            self._show_patch(event.get("patch_size"))
+        elif kind in ("end", "cancelled"):
             best = event.get("checkpoint")
             if best and checkpoints.is_checkpoint(best):
                 self.session.finish_run(best)
@@ -789,6 +811,7 @@ class FineTuneWidget(QWidget):
     def run(self) -> None:
         from semiseg.checkpoint import read_meta
         from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
+        from semiseg.napari.preflight import check_unlabeled_folder
 
         if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
             return
@@ -803,6 +826,7 @@ class FineTuneWidget(QWidget):
             if not self.output.text():
                 raise InputError("choose an output folder")
             self.device.device()
+            check_unlabeled_folder(self.folder.text())
             volume = volume_from_layer(image)
             correction = volume_from_layer(labels, copy=True)
             if correction.shape != volume.shape:
