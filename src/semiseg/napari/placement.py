@@ -32,6 +32,20 @@ def affine_zyx(geometry: Geometry) -> np.ndarray:
     return matrix
 
 
+def geometry_of_matrix(matrix: np.ndarray, name: str = "layer") -> Geometry:
+    """The geometry a 4x4 (z, y, x) data-to-world matrix places a grid with (the inverse of affine_zyx)."""
+    matrix = np.asarray(matrix, float)
+    linear_xyz = matrix[:3, :3][::-1, ::-1]
+    spacing = np.linalg.norm(linear_xyz, axis=0)
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise InputError(f"'{name}': its placement has no usable voxel spacing")
+    direction = linear_xyz / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+        raise InputError(f"'{name}': its placement shears the voxel grid, which a scan geometry cannot hold")
+    return Geometry(tuple(float(s) for s in spacing), tuple(float(o) for o in matrix[:3, 3][::-1]),
+                    tuple(float(d) for d in direction.ravel()))
+
+
 def display_kwargs(geometry: Geometry) -> dict[str, Any]:
     """Layer attributes placing a volume physically."""
     return {"affine": affine_zyx(geometry).tolist()}
