@@ -537,8 +537,14 @@ def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_view
     assert isinstance(first, Image) and isinstance(prediction, Labels)
     np.testing.assert_allclose(layer_world_matrix(prediction), layer_world_matrix(first))
     assert entries[0].reviewed and widget.table.item(0, 3).text() == "✓"
+    # Another Review widget of this window (napari hands it its own proxy) shows the same queue.
+    from napari.utils._proxies import PublicOnlyProxy
+
+    other = ReviewWidget(PublicOnlyProxy(viewer))
+    assert other.table.rowCount() == 3 and other.table.item(0, 3).text() == "✓" and other.table.item(1, 3).text() == ""
     click(qtbot, widget.open_next)
     assert f"{entries[1].name} prediction" in viewer.layers and entries[1].reviewed and not entries[2].reviewed
+    assert other.table.item(1, 3).text() == "✓"
     # The queue's score is the engine's: Prediction.uncertainty_score() of that scan.
     from semiseg.inference import predict_volume
     import torch
