@@ -192,8 +192,8 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     unlabeled.mkdir()
     for path in sorted((SAMPLE / "imagesTs").iterdir())[:4]:
         shutil.copy(path, unlabeled / path.name)
-    correction = viewer.add_labels(np.array(label.data), name="hippocampus_001 correction", scale=image.scale,
-                                   translate=image.translate, metadata={**label.metadata, "role": "correction"}, opacity=0.6)
+    correction = viewer.add_labels(np.array(label.data), name="hippocampus_001 correction", affine=image.affine,
+                                   metadata={**label.metadata, "role": "correction"}, opacity=0.6)
     finetune = dock(FineTuneWidget(viewer), "Fine-tune on correction")
     finetune.image.set_layer(image)
     finetune.labels.set_layer(correction)

@@ -135,13 +135,24 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_weights(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    folder = resolve(path)
+def _checked_weights(folder: Path, meta: dict[str, Any]) -> Path:
     weights = folder / MODEL_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {MODEL_WEIGHTS} is missing")
     if sha256(weights) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights}: checksum mismatch; the file is corrupt or partial")
+    return weights
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """model.json of a checkpoint whose weights match the SHA-256 it records (without loading them)."""
+    meta = read_meta(path)
+    _checked_weights(resolve(path), meta)
+    return meta
+
+
+def load_weights(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    weights = _checked_weights(resolve(path), meta)
     try:
         return load_file(weights)
     except (SafetensorError, OSError, ValueError) as error:

@@ -20,6 +20,7 @@ from semiseg.checkpoint import read_meta  # noqa: E402
 from semiseg.io import read_volume  # noqa: E402
 from semiseg.metrics import case_metrics  # noqa: E402
 from semiseg.models import load_model  # noqa: E402
+from semiseg.napari.placement import layer_world_matrix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "resources" / "hippocampus"
@@ -93,13 +94,11 @@ def test_reader_places_scan_and_labels_physically(make_napari_viewer, case_paths
     image, label = open_case(viewer, case_paths)
     source = read_volume(case_paths[0])
     assert isinstance(image, Image) and isinstance(label, Labels)
-    np.testing.assert_allclose(image.scale, source.geometry.spacing_zyx)
-    np.testing.assert_allclose(image.translate, source.geometry.origin_zyx)
+    np.testing.assert_allclose(image.data_to_world((0, 0, 0)), source.geometry.origin_zyx)
     np.testing.assert_array_equal(image.data, source.array)
     assert image.metadata["geometry"] == source.geometry.to_dict()
     assert image.metadata["source_path"] == str(case_paths[0])
-    np.testing.assert_allclose(label.scale, image.scale)
-    np.testing.assert_allclose(label.translate, image.translate)
+    np.testing.assert_allclose(label.affine.affine_matrix, image.affine.affine_matrix)
     assert label.metadata["image_path"] == str(case_paths[0])  # labelsTr/x -> imagesTr/x
     assert label.metadata["class_names"] == {"0": "background", "1": "Anterior", "2": "Posterior"}
     assert set(np.unique(label.data)) == {0, 1, 2}
@@ -113,7 +112,7 @@ def test_reader_opens_a_dicom_series_and_la_h5(make_napari_viewer):
     viewer = make_napari_viewer()
     [ct] = viewer.open(str(dicom), plugin=PLUGIN)
     assert isinstance(ct, Image) and ct.data.shape == (20, 512, 512)
-    np.testing.assert_allclose(ct.scale, (2.0, 0.98, 0.98), atol=0.01)
+    np.testing.assert_allclose(np.linalg.norm(ct.affine.affine_matrix[:3, :3], axis=0), (2.0, 0.98, 0.98), atol=0.01)
     image, label = viewer.open(str(la[0]), plugin=PLUGIN)
     assert isinstance(image, Image) and isinstance(label, Labels) and image.data.shape == label.data.shape
     assert set(np.unique(label.data)) <= {0, 1}
@@ -127,9 +126,32 @@ def test_reader_reports_a_corrupt_file_in_one_line(make_napari_viewer, tmp_path,
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a volume")
     assert reader.get_reader(str(broken)) is not None
-    assert reader.read_paths(str(broken)) == []
+    assert reader.read_paths(str(broken)) == [(None,)]  # npe2's "nothing to add"
     assert len(shown) == 1 and "\n" not in shown[0] and "broken.nii.gz" in shown[0]
     assert reader.get_reader(str(tmp_path / "notes.txt")) is None
+
+
+def test_a_corrupt_file_opened_from_the_menu_shows_only_the_plugins_message(make_napari_viewer, tmp_path, monkeypatch, case_paths):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(case_paths[0].read_bytes()[:5000])
+    from napari.settings import get_settings
+
+    # The user has chosen this plugin for .nii.gz (napari's reader dialog, "remember"); napari's
+    # error dialog would name the failure and offer the other readers.
+    monkeypatch.setattr(get_settings().plugins, "extension2reader", {"*.nii.gz": PLUGIN})
+    napari_errors = []
+    monkeypatch.setattr("napari._qt.qt_viewer.handle_gui_reading", lambda *args, **kwargs: napari_errors.append(kwargs or args))
+    viewer = make_napari_viewer()
+    for path in (broken, truncated):
+        viewer.window._qt_viewer._qt_open([str(path)], stack=False)  # File > Open, drag and drop
+        assert viewer.open(str(path), plugin=PLUGIN) == []
+    assert napari_errors == [] and len(viewer.layers) == 0
+    assert len(shown) == 4 and all("\n" not in text for text in shown)
+    assert "broken.nii.gz" in shown[0] and "truncated.nii.gz" in shown[2]
 
 
 def test_writer_restores_the_source_geometry(make_napari_viewer, case_paths, tmp_path):
@@ -154,6 +176,90 @@ def test_writer_restores_the_source_geometry(make_napari_viewer, case_paths, tmp
     assert case_paths[0].read_bytes() == before
 
 
+# Geometry: world coordinates are physical coordinates; masks keep their scan's geometry ----------------
+
+SCANS = [SAMPLE / "imagesTr" / "hippocampus_001.nii.gz"] + [SHARED / "samples" / name for name in
+                                                             ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "example_ct_dicom")]
+
+
+def itk_image(path: Path):
+    import SimpleITK as sitk
+
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def some_voxels(shape_zyx):
+    z, y, x = (s - 1 for s in shape_zyx)
+    return [(0, 0, 0), (z, y, x), (z, 0, 0), (0, y, 0), (0, 0, x), (z // 2, y // 3, x // 4)]
+
+
+def physical_zyx(image, index_zyx):
+    return image.TransformIndexToPhysicalPoint([int(i) for i in reversed(index_zyx)])[::-1]
+
+
+@pytest.mark.parametrize("path", SCANS, ids=lambda p: p.name)
+def test_world_coordinates_are_itk_physical_points(make_napari_viewer, path):
+    source = itk_image(path)
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(path), plugin=PLUGIN)
+    for index in some_voxels(scan.data.shape):
+        np.testing.assert_allclose(scan.data_to_world(index), physical_zyx(source, index), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", SCANS, ids=lambda p: p.name)
+def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qtbot, tmp_path, messages, path):
+    import SimpleITK as sitk
+
+    from semiseg.napari.widgets import ExportWidget
+
+    source = itk_image(path)
+    viewer = make_napari_viewer()
+    [scan] = viewer.open(str(path), plugin=PLUGIN)
+    viewer.layers.selection.active = scan
+    viewer._new_labels()  # what napari's New Labels button does
+    painted = viewer.layers[-1]
+    assert isinstance(painted, Labels) and "geometry" not in painted.metadata
+    painted.brush_size = 1
+    voxel = tuple(s // 3 for s in painted.data.shape)
+    painted.paint(voxel, 5)
+    export = ExportWidget(viewer)
+    viewer.window.add_dock_widget(export, name="Export")
+    export.folder.set_text(str(tmp_path / "export"))
+    click(qtbot, export.export_all)
+    assert messages["error"] == []
+    back = sitk.ReadImage(str(tmp_path / "export" / f"{painted.name.replace(' ', '_')}.nii.gz"))
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(back, get)(), getattr(source, get)(), rtol=0, atol=1e-6)
+    assert [tuple(i) for i in np.argwhere(sitk.GetArrayFromImage(back) == 5)] == [voxel]
+    np.testing.assert_allclose(physical_zyx(back, voxel), painted.data_to_world(voxel), rtol=0, atol=1e-6)
+    # napari's File > Save Selected Layers gives the same file.
+    saved = tmp_path / "saved.nrrd"
+    assert painted.save(str(saved), plugin=PLUGIN) == [str(saved)]
+    np.testing.assert_allclose(sitk.ReadImage(str(saved)).GetDirection(), source.GetDirection(), rtol=0, atol=1e-6)
+
+
+def test_a_label_layer_on_no_scans_grid_is_refused(make_napari_viewer, qtbot, tmp_path, messages, case_paths):
+    from semiseg.napari.widgets import ExportWidget
+
+    viewer = make_napari_viewer()
+    image, _ = open_case(viewer, case_paths)
+    stray = viewer.add_labels(np.ones(image.data.shape, np.uint8), name="stray", scale=(2.0, 2.0, 2.0))
+    export = ExportWidget(viewer)
+    for i in range(export.list.count()):
+        export.list.item(i).setCheckState(Qt.CheckState.Checked if export.list.item(i).text() == "stray" else Qt.CheckState.Unchecked)
+    export.folder.set_text(str(tmp_path / "export"))
+    click(qtbot, export.export_checked)
+    assert len(messages["error"]) == 1 and "lies on no open scan's grid" in messages["error"][0]
+    assert not any((tmp_path / "export").iterdir())
+    assert stray.save(str(tmp_path / "stray.nii.gz"), plugin=PLUGIN) == [] and not (tmp_path / "stray.nii.gz").exists()
+
+
 def test_sample_data_opens_image_and_labels(make_napari_viewer):
     viewer = make_napari_viewer()
     layers = viewer.open_sample(PLUGIN, "hippocampus")
@@ -161,6 +267,94 @@ def test_sample_data_opens_image_and_labels(make_napari_viewer):
     assert isinstance(image, Image) and isinstance(label, Labels)
     assert image.data.shape == label.data.shape == (35, 51, 35)
     assert label.metadata["class_names"]["1"] == "Anterior"
+
+
+# One session per window -------------------------------------------------------------------------------
+
+
+def docked(viewer, name):
+    """A widget docked the way napari's Plugins menu does it (napari hands it a proxy of the viewer)."""
+    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+
+
+def test_dock_widgets_of_one_window_share_one_session(make_napari_viewer, checkpoint, tmp_path, messages):
+    import shutil
+
+    viewer = make_napari_viewer()
+    segment, train, finetune, review = (docked(viewer, name) for name in ("Segment", "Train", "Fine-tune on correction", "Review queue"))
+    assert segment.viewer is not finetune.viewer  # napari's per-widget proxies...
+    assert segment.session is train.session is finetune.session is review.session  # ...of one window
+    assert segment.model.choose(str(checkpoint))
+    assert finetune.model.path() == review.model.path() == str(checkpoint)
+    # A model that Train reports finished is selected in the Segment and Fine-tune widgets already open.
+    trained = tmp_path / "other-run" / "best"
+    shutil.copytree(checkpoint, trained)
+    train.view.handle({"type": "end", "checkpoint": str(trained), "iteration": 10})
+    assert segment.session.last_run == str(trained)
+    assert str(trained) in [segment.model.combo.itemData(i) for i in range(segment.model.combo.count())]
+    assert segment.model.path() == finetune.model.path() == str(trained)
+    # Another window has its own session.
+    other_window = make_napari_viewer()
+    assert docked(other_window, "Segment").session is not segment.session
+    assert messages["error"] == []
+
+
+def test_corrupt_checkpoints_are_refused_at_browse_and_dropped_from_the_recent_list(make_napari_viewer, checkpoint, tmp_path, messages):
+    import shutil
+
+    from semiseg.napari.checkpoints import recent_checkpoints
+
+    def copy(name):
+        target = tmp_path / name / "best"
+        shutil.copytree(checkpoint, target)
+        return target
+
+    def damage(folder, truncate=False):
+        weights = folder / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        if truncate:
+            del data[len(data) // 2:]
+        else:
+            data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+    def offered(widget):
+        return [widget.model.combo.itemData(i) for i in range(widget.model.combo.count())]
+
+    viewer = make_napari_viewer()
+    segment = docked(viewer, "Segment")
+    assert segment.model.choose(str(checkpoint))
+    for name, truncate in (("flipped", False), ("truncated", True)):
+        broken = copy(name)
+        damage(broken, truncate)
+        assert not segment.model.choose(str(broken))
+        assert "checksum mismatch" in messages["error"][-1] and "\n" not in messages["error"][-1]
+        assert str(broken) not in offered(segment) and segment.model.path() == str(checkpoint)
+    # Intact when remembered, corrupted afterwards: dropped, and never a new window's default.
+    later = copy("later")
+    assert segment.model.choose(str(later)) and recent_checkpoints()[0] == str(later)
+    damage(later)
+    fresh = docked(make_napari_viewer(), "Segment")
+    assert fresh.model.path() == str(checkpoint) and str(later) not in offered(fresh)
+    assert str(later) not in recent_checkpoints()
+
+
+def test_finetune_preselects_the_labels_painted_last_never_the_reference(make_napari_viewer, case_paths):
+    viewer = make_napari_viewer()
+    image, reference = open_case(viewer, case_paths)
+    segment = docked(viewer, "Segment")
+    segment.reference.set_layer(reference)
+    viewer.layers.selection.active = image
+    viewer._new_labels()
+    painted = viewer.layers[-1]
+    painted.paint((10, 20, 15), 1)
+    unrelated = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="unrelated", affine=image.affine)
+    finetune = docked(viewer, "Fine-tune on correction")
+    assert finetune.labels.layer() is painted
+    unrelated.paint((3, 3, 3), 2)
+    assert finetune.labels.layer() is unrelated
+    reference.paint((3, 3, 3), 2)
+    assert finetune.labels.layer() is unrelated
 
 
 # Segment ----------------------------------------------------------------------------------------------
@@ -197,8 +391,7 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     errors = viewer.layers[f"{image.name} errors"]
     assert isinstance(prediction, Labels) and isinstance(errors, Labels)
     for layer in (prediction, entropy, disagreement, errors):
-        np.testing.assert_allclose(layer.scale, image.scale)
-        np.testing.assert_allclose(layer.translate, image.translate)
+        np.testing.assert_allclose(layer_world_matrix(layer), layer_world_matrix(image))
         assert layer.data.shape == image.data.shape
     assert set(np.unique(prediction.data)) <= {0, 1, 2}
     meta = read_meta(checkpoint)
@@ -272,7 +465,7 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     entropy = viewer.layers[f"{image.name} entropy"]
     entropy_before = np.array(entropy.data)
     # The user's correction: the reference outline painted into a new labels layer.
-    correction = viewer.add_labels(np.array(label.data), name="my correction", scale=image.scale, translate=image.translate)
+    correction = viewer.add_labels(np.array(label.data), name="my correction", affine=image.affine)
 
     widget = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Fine-tune")
@@ -342,10 +535,16 @@ def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_view
     first = viewer.layers[entries[0].name]
     prediction = viewer.layers[f"{entries[0].name} prediction"]
     assert isinstance(first, Image) and isinstance(prediction, Labels)
-    np.testing.assert_allclose(prediction.scale, first.scale)
+    np.testing.assert_allclose(layer_world_matrix(prediction), layer_world_matrix(first))
     assert entries[0].reviewed and widget.table.item(0, 3).text() == "✓"
+    # Another Review widget of this window (napari hands it its own proxy) shows the same queue.
+    from napari.utils._proxies import PublicOnlyProxy
+
+    other = ReviewWidget(PublicOnlyProxy(viewer))
+    assert other.table.rowCount() == 3 and other.table.item(0, 3).text() == "✓" and other.table.item(1, 3).text() == ""
     click(qtbot, widget.open_next)
     assert f"{entries[1].name} prediction" in viewer.layers and entries[1].reviewed and not entries[2].reviewed
+    assert other.table.item(1, 3).text() == "✓"
     # The queue's score is the engine's: Prediction.uncertainty_score() of that scan.
     from semiseg.inference import predict_volume
     import torch
@@ -431,6 +630,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     viewer = make_napari_viewer()
     widget = train_widget(viewer, tmp_path, iterations=4, validation=1)
     qtbot.waitUntil(lambda: "labeled" in widget.found.text(), timeout=30_000)
+    assert [spin.text() for spin in widget.patch] == ["auto"] * 3 and not widget.patch[0].isEnabled()
     assert "12 labeled, 8 unlabeled" in widget.found.text() and "spacing" in widget.found.text()
     click(qtbot, widget.buttons.start)
     qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
@@ -440,6 +640,9 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     assert [p for p in widget.view.sparkline.points] and len(widget.view.sparkline.points) == 2  # validated at 2 and 4
     assert "iteration 4/4" in widget.buttons.status.text() or "finished" in widget.buttons.status.text()
     assert load_model(best).meta["iteration"] == 4
+    # The greyed patch boxes show the patch the run chose.
+    log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
+    assert [spin.value() for spin in widget.patch] == next(e for e in log if e["type"] == "dataset")["patch_size"]
     from semiseg.napari.widgets import SegmentWidget
 
     segment = SegmentWidget(viewer)
@@ -466,6 +669,62 @@ def test_train_cancel_stops_cleanly_with_a_loadable_checkpoint(make_napari_viewe
     assert log[-1]["type"] == "cancelled"
     assert widget.session.checkpoint == str(tmp_path / "train-run" / "best")
     print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.meta['iteration']}")
+
+
+def test_doomed_jobs_are_refused_before_anything_is_written(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
+    viewer = make_napari_viewer()
+    image, label = open_case(viewer, case_paths)
+    train = docked(viewer, "Train")
+    train.output.set_text(str(tmp_path / "run"))
+    for folder, reason in ((tmp_path / "missing", "not a folder"), (SAMPLE / "imagesTs", "no labeled case")):
+        train.data.set_text(str(folder))
+        click(qtbot, train.buttons.start)
+        assert reason in messages["error"][-1] and train.process is None and not (tmp_path / "run").exists()
+    # Resuming a run with no iterations left (the fixture's run did 10).
+    train.data.set_text(str(SAMPLE))
+    train.labeled.setText("2")
+    train.validation.setValue(0)
+    train.output.set_text(str(Path(checkpoint).parent))
+    train.resume.setChecked(True)
+    train.iterations.setValue(10)
+    click(qtbot, train.buttons.start)
+    assert "done 10 iterations already" in messages["error"][-1] and train.process is None
+
+    finetune = docked(viewer, "Fine-tune on correction")
+    assert finetune.model.choose(str(checkpoint))
+    finetune.image.set_layer(image)
+    finetune.labels.set_layer(label)
+    finetune.output.set_text(str(tmp_path / "ft"))
+    (tmp_path / "empty").mkdir()
+    for folder, reason in ((tmp_path / "missing", "not a folder"), (tmp_path / "empty", "no images found")):
+        finetune.folder.set_text(str(folder))
+        click(qtbot, finetune.buttons.start)
+        assert reason in messages["error"][-1] and finetune.process is None and not (tmp_path / "ft").exists()
+    assert all("\n" not in text for text in messages["error"])
+
+
+def test_segment_offers_only_3d_scans_and_its_status_never_keeps_an_old_error(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
+    import shutil
+
+    viewer = make_napari_viewer()
+    image, _ = open_case(viewer, case_paths)
+    viewer.add_image(np.zeros((40, 50), np.float32), name="a 2D image")
+    viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="a photo", rgb=True)
+    viewer.add_image(np.zeros((5, 40, 50, 3), np.uint8), name="an RGB volume", rgb=True)
+    segment = docked(viewer, "Segment")
+    assert [segment.image.itemText(i) for i in range(segment.image.count())] == [image.name]
+    broken = tmp_path / "broken" / "best"
+    shutil.copytree(checkpoint, broken)
+    assert segment.model.choose(str(broken))
+    segment.device.combo.setCurrentText("cpu")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # corrupted after it was chosen
+    click(qtbot, segment.buttons.start)
+    wait_job(qtbot, segment)
+    assert segment.buttons.status.text().startswith("failed") and "checksum" in segment.buttons.status.text()
+    viewer.layers.remove(image)
+    click(qtbot, segment.buttons.start)
+    assert "checksum" not in segment.buttons.status.text() and "open a scan" in segment.buttons.status.text()
 
 
 def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):

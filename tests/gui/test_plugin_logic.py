@@ -18,6 +18,7 @@ from semiseg.napari import jobs
 from semiseg.napari.export import ExportItem, export
 from semiseg.napari.finetune import FineTuneRequest, finetune_config
 from semiseg.napari.layers import error_map, geometry_from, labels_array, looks_like_labels
+from semiseg.napari.placement import affine_zyx
 from semiseg.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +28,30 @@ SAMPLE = REPO / "resources" / "hippocampus"
 def test_geometry_comes_from_metadata_and_refuses_a_changed_shape():
     geometry = Geometry((0.8, 0.7, 2.5), (-10.0, 5.0, 3.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
     metadata = {"geometry": geometry.to_dict(), "shape": [4, 5, 6]}
-    assert geometry_from(metadata, (4, 5, 6), scale=(1, 1, 1)) == geometry  # the display scale does not matter
+    assert geometry_from(metadata, (4, 5, 6), np.eye(4)) == geometry  # the display transform does not matter
     with pytest.raises(InputError, match="no longer matches"):
         geometry_from(metadata, (4, 5, 7))
-    plain = geometry_from({}, (4, 5, 6), scale=(2.5, 0.7, 0.8), translate=(3.0, 5.0, -10.0))
-    assert plain.spacing == (0.8, 0.7, 2.5) and plain.origin == (-10.0, 5.0, 3.0)
+    # Without metadata: the layer's full placement, read back exactly; never a guess.
+    placed = geometry_from({}, (4, 5, 6), affine_zyx(geometry))
+    for ours, theirs in ((placed.spacing, geometry.spacing), (placed.origin, geometry.origin), (placed.direction, geometry.direction)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    sheared = affine_zyx(geometry)
+    sheared[0, 1] = 0.3
+    with pytest.raises(InputError, match="shears"):
+        geometry_from({}, (4, 5, 6), sheared)
+    with pytest.raises(InputError, match="unknown"):
+        geometry_from({}, (4, 5, 6))
+
+
+def test_a_scan_placed_by_another_plugin_keeps_its_full_geometry():
+    from napari.layers import Image
+
+    from semiseg.napari.layers import volume_from_layer
+
+    source = read_volume(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz")
+    assert source.geometry.direction != Geometry().direction  # not an identity placement
+    layer = Image(source.array, affine=affine_zyx(source.geometry))  # no metadata of ours
+    assert source.geometry.matches(volume_from_layer(layer).geometry, tolerance=1e-9)
 
 
 def test_label_detection_and_label_types(tmp_path):

@@ -1,10 +1,9 @@
-"""Small Qt pieces the widgets share: the per-viewer session (chosen checkpoint), layer and
-checkpoint pickers, a device picker, a folder field, a background-job runner and a Dice sparkline."""
+"""Small Qt pieces the widgets share: layer and checkpoint pickers (the latter over the window's
+`Session`), a device picker, a folder field, a background-job runner and a Dice sparkline."""
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,63 +24,11 @@ from qtpy.QtWidgets import (
 
 from napari.utils.notifications import show_error
 
-from semiseg.checkpoint import read_meta
+from semiseg.checkpoint import verify
 from semiseg.errors import SemisegError
 from semiseg.napari import checkpoints
 from semiseg.napari.jobs import Cancelled
-
-# Session ------------------------------------------------------------------------------------------
-
-
-class Session(QObject):
-    """What the widgets of one viewer share: the chosen checkpoint and the list to choose from."""
-
-    checkpoint_changed = Signal(str)
-    checkpoints_changed = Signal()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.checkpoint: str | None = None
-        options = self.checkpoints()
-        if options:
-            self.checkpoint = options[0]
-
-    def checkpoints(self) -> list[str]:
-        found = []
-        default = checkpoints.default_model_path()
-        for path in checkpoints.recent_checkpoints() + ([str(default)] if default else []):
-            if path not in found:
-                found.append(path)
-        if self.checkpoint and self.checkpoint not in found and checkpoints.is_checkpoint(self.checkpoint):
-            found.insert(0, self.checkpoint)
-        return found
-
-    def add(self, path: str, select: bool = True) -> None:
-        folder = str(checkpoints.remember_checkpoint(path)[0])
-        self.checkpoints_changed.emit()
-        if select:
-            self.select(folder)
-
-    def select(self, path: str | None) -> None:
-        if path == self.checkpoint:
-            return
-        self.checkpoint = path
-        self.checkpoint_changed.emit(path or "")
-
-
-_SESSIONS: dict[int, Session] = {}
-
-
-def session_for(viewer) -> Session:
-    key = id(viewer)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = Session()
-        try:
-            weakref.finalize(viewer, _SESSIONS.pop, key, None)
-        except TypeError:
-            pass
-    return _SESSIONS[key]
-
+from semiseg.napari.session import Session
 
 # Pickers ------------------------------------------------------------------------------------------
 
@@ -139,6 +86,9 @@ class LayerChoice(QComboBox):
     def layer(self):
         index = self.currentIndex()
         return self._layers[index] if 0 <= index < len(self._layers) else None
+
+    def layers(self) -> list:
+        return [layer for layer in self._layers if layer is not None]
 
     def set_layer(self, layer) -> None:
         if layer in self._layers:
@@ -207,7 +157,7 @@ class CheckpointPicker(QWidget):
 
     def choose(self, folder: str) -> bool:
         try:
-            read_meta(folder)
+            verify(folder)  # a corrupt checkpoint is refused here, not when a job loads it
             self.session.add(folder)
         except SemisegError as error:
             show_error(f"semiseg: {error}")

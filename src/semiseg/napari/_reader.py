@@ -1,7 +1,7 @@
 """npe2 reader: NIfTI/NRRD/MHA/MHD files, DICOM series folders and LA h5 files.
 
-A scan opens as an Image layer placed physically (scale = spacing, translate = origin, z y x), with
-its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
+A scan opens as an Image layer placed physically (napari's `affine` = spacing × direction, origin,
+z y x: world coordinates are ITK's physical LPS coordinates), with its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
 labels*, a `_seg`/`_label`/`_mask` name, or whole-number data with few distinct values) opens as a
 Labels layer on the same grid. An LA h5 file gives both its `image` and its `label`.
 """
@@ -41,7 +41,14 @@ def get_reader(path):
     return read_paths
 
 
+# npe2's "read, and nothing to add" value. A reader that returns no layers (or declines in
+# get_reader, which napari asks only after choosing this plugin by file name) makes napari raise
+# "returned no data" / "refused the file" on top of the plugin's own message.
+NOTHING_TO_ADD = [(None,)]
+
+
 def read_paths(path) -> list[tuple]:
+    """The layers of every path that reads; a path that does not gets a one-line message instead."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers: list[tuple] = []
     for item in paths:
@@ -52,7 +59,7 @@ def read_paths(path) -> list[tuple]:
             from napari.utils.notifications import show_error
 
             show_error(f"semiseg: {error}")
-    return layers
+    return layers or NOTHING_TO_ADD
 
 
 def read_layers(path: str | Path) -> list[tuple]:

@@ -6,6 +6,9 @@ an explicit request in code (napari's own writers overwrite there too). So an ex
 replaced -- atomically (temporary file, fsync, rename: never a half-written mask) -- with one
 exception: a layer is never written over the scan it shows or was predicted from, which would
 destroy the image. The Export widget, which has no such dialog, asks before replacing anything.
+
+A layer without recorded geometry (napari's New Labels) is written with the geometry of the open
+scan whose grid it shares, and refused when it shares none.
 """
 
 from __future__ import annotations
@@ -13,9 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import WRITABLE_SUFFIXES, Volume, volume_suffix, write_volume
 from semiseg.napari.layers import labels_array, volume_from_attributes
+from semiseg.napari.placement import grid_metadata, world_matrix
+
+
+def _open_layers() -> list:
+    """The layers of the current viewer: a layer without its own geometry takes that of the scan it lies on."""
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    return list(viewer.layers) if viewer is not None else []
 
 
 def _protected(path: Path, attributes: dict[str, Any]) -> str | None:
@@ -38,7 +52,9 @@ def _write(path: str, data, attributes: dict[str, Any], as_labels: bool) -> list
         protected = _protected(target, attributes)
         if protected:
             raise InputError(f"{target}: that is the scan this layer belongs to; save under another name")
-        volume = volume_from_attributes(data, attributes)
+        array = data[0] if attributes.get("multiscale") else data
+        metadata = grid_metadata(attributes.get("name", "layer"), np.shape(array), world_matrix(attributes), attributes.get("metadata"), _open_layers())
+        volume = volume_from_attributes(data, {**attributes, "metadata": metadata})
         if as_labels:
             volume = Volume(labels_array(volume.array, attributes.get("name", "labels")), volume.geometry)
         written = write_volume(volume, target, overwrite=True)

@@ -3,19 +3,20 @@
 - the bundled default model: `resources/models/default` of a source checkout (found relative to the
   installed package, which an editable install keeps in the checkout), or $SEMISEG_DEFAULT_MODEL;
 - recent checkpoints: a small JSON list in the user's config folder ($SEMISEG_CONFIG_DIR, else
-  ~/.config/semiseg), newest first, only folders that still hold a checkpoint;
+  ~/.config/semiseg), newest first, only checkpoints whose weights still match their SHA-256;
 - a cache of loaded models per (checkpoint, device), reloaded when model.json changes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-from semiseg.checkpoint import MODEL_JSON, read_meta, resolve
+from semiseg.checkpoint import MODEL_JSON, MODEL_WEIGHTS, read_meta, resolve, verify
 from semiseg.errors import CheckpointError, SemisegError
 
 MAX_RECENT = 12
@@ -50,14 +51,37 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return True
 
 
-def recent_checkpoints() -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _intact(folder: str, stamp: tuple) -> bool:
     try:
-        entries = json.loads(_recent_file().read_text())
+        verify(folder)
+    except SemisegError:
+        return False
+    return True
+
+
+def is_intact(path: str | os.PathLike) -> bool:
+    """A checkpoint whose weights match their recorded SHA-256 (hashed again only when its files change)."""
+    try:
+        folder = resolve(path)
+        stamp = tuple((s.st_size, s.st_mtime_ns) for s in ((folder / MODEL_JSON).stat(), (folder / MODEL_WEIGHTS).stat()))
+    except (SemisegError, OSError):
+        return False
+    return _intact(str(folder), stamp)
+
+
+def recent_checkpoints() -> list[str]:
+    """The recent list, newest first; entries no longer intact (moved, corrupted) are dropped from it."""
+    try:
+        stored = json.loads(_recent_file().read_text())
     except (OSError, ValueError):
         return []
-    if not isinstance(entries, list):
+    if not isinstance(stored, list):
         return []
-    return [str(p) for p in entries if isinstance(p, str) and is_checkpoint(p)]
+    entries = [str(p) for p in stored if isinstance(p, str) and is_intact(p)]
+    if entries != stored:
+        _save_recent(entries)
+    return entries
 
 
 def remember_checkpoint(path: str | os.PathLike) -> list[str]:
@@ -65,6 +89,11 @@ def remember_checkpoint(path: str | os.PathLike) -> list[str]:
     folder = str(resolve(path))
     entries = [folder] + [p for p in recent_checkpoints() if str(Path(p)) != folder]
     entries = entries[:MAX_RECENT]
+    _save_recent(entries)
+    return entries
+
+
+def _save_recent(entries: list[str]) -> None:
     target = _recent_file()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +102,6 @@ def remember_checkpoint(path: str | os.PathLike) -> list[str]:
         os.replace(temporary, target)
     except OSError:
         pass  # an unwritable config folder only loses the list across sessions
-    return entries
 
 
 def describe_meta(meta: dict[str, Any]) -> str:

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from semiseg import __version__
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.io import WRITABLE_SUFFIXES, Volume, write_volume
-from semiseg.napari.layers import data_digest, labels_array
+from semiseg.napari.layers import data_digest, geometry_from, labels_array, layer_array
+from semiseg.napari.placement import grid_metadata, layer_world_matrix
 
 EXPORT_SUFFIXES = (".nii.gz", ".nrrd", ".mha", ".nii")
 
@@ -23,6 +26,14 @@ class ExportItem:
     name: str
     volume: Volume
     metadata: dict[str, Any]
+
+
+def export_item(layer, layers) -> ExportItem:
+    """A label layer with the geometry of its scan: its own recorded one, else that of the open scan
+    whose grid it shares (refused when there is none)."""
+    array = np.array(layer_array(layer), copy=True)
+    metadata = grid_metadata(layer.name, array.shape, layer_world_matrix(layer), layer.metadata, layers)
+    return ExportItem(layer.name, Volume(array, geometry_from(metadata, array.shape, name=layer.name)), metadata)
 
 
 def safe_name(name: str) -> str:

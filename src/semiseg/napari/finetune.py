@@ -103,9 +103,9 @@ def finetune_config(request: FineTuneRequest) -> TrainConfig:
     meta = read_meta(request.checkpoint)
     model = meta["model"]
     method = request.method or model["method"]
+    dataset = load_dataset(request.folder)
     run = Path(request.output)
     run.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(request.folder)
     data, labeled, unlabeled = request.folder, "100%", []
     keep = [c.case_id for c in dataset.labeled if not _same(c.image, request.image_path)] if request.use_folder_labels else []
     if keep:

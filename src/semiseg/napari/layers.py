@@ -1,9 +1,9 @@
 """Layers <-> volumes, keeping every scan's physical geometry; error maps and metric tables.
 
-napari shows a volume with `scale` = spacing (z, y, x) and `translate` = origin (z, y, x); the full
-geometry (spacing, origin and the direction cosines napari cannot show with scale/translate) is
-kept in `layer.metadata` and is what every writer uses, so an exported mask lands exactly on its
-scan's grid whatever the viewer did with the layer's display transform.
+napari places a volume with its `affine` (spacing × direction cosines, origin; see `placement`), so
+world coordinates are physical ones. The full geometry is also kept in `layer.metadata` and is what
+every writer uses, so an exported mask lands exactly on its scan's grid whatever the viewer did
+with the layer's display transform.
 
 Metadata keys set on layers this plugin makes (all JSON-able):
   geometry       semiseg.io.Geometry.to_dict() of the voxel grid (SimpleITK x, y, z order)
@@ -30,6 +30,7 @@ import numpy as np
 from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, strip_suffix
 from semiseg.metrics import METRICS, case_metrics
+from semiseg.napari.placement import display_kwargs, geometry_of_matrix, layer_world_matrix, world_matrix
 
 # Distinct values (in a sample of voxels) up to which an integer volume opens as a label map.
 MAX_LABEL_VALUES = 32
@@ -52,14 +53,10 @@ def geometry_metadata(geometry: Geometry, shape: tuple[int, ...], source_path: s
     return metadata
 
 
-def display_kwargs(geometry: Geometry) -> dict[str, Any]:
-    """scale/translate for napari, (z, y, x). The direction cosines stay in the metadata only."""
-    return {"scale": [float(s) for s in geometry.spacing_zyx], "translate": [float(o) for o in geometry.origin_zyx]}
-
-
-def geometry_from(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], scale=None, translate=None, name: str = "layer") -> Geometry:
+def geometry_from(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], world: np.ndarray | None = None,
+                  name: str = "layer") -> Geometry:
     """The geometry of a layer's data: from its metadata (checked against the data's shape), else
-    from its display scale/translate with identity directions."""
+    from its full data-to-world matrix (a layer another plugin placed)."""
     metadata = metadata or {}
     if "geometry" in metadata:
         recorded = metadata.get("shape")
@@ -74,11 +71,9 @@ def geometry_from(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], sc
             raise InputError(f"'{name}': its recorded geometry is unreadable") from None
     if len(shape) != 3:
         raise InputError(f"'{name}': data of shape {tuple(shape)}; semiseg works on 3D volumes")
-    scale = [1.0, 1.0, 1.0] if scale is None else [float(s) for s in scale][-3:]
-    translate = [0.0, 0.0, 0.0] if translate is None else [float(t) for t in translate][-3:]
-    if not all(math.isfinite(s) and s > 0 for s in scale):
-        raise InputError(f"'{name}': its scale {tuple(scale)} is not a usable voxel spacing")
-    return Geometry(tuple(reversed(scale)), tuple(reversed(translate)))
+    if world is None:
+        raise InputError(f"'{name}': its geometry is unknown")
+    return geometry_of_matrix(world, name)
 
 
 def layer_array(layer) -> np.ndarray:
@@ -95,7 +90,7 @@ def layer_array(layer) -> np.ndarray:
 
 def volume_from_layer(layer, copy: bool = False) -> Volume:
     array = layer_array(layer)
-    geometry = geometry_from(layer.metadata, array.shape, layer.scale, layer.translate, layer.name)
+    geometry = geometry_from(layer.metadata, array.shape, layer_world_matrix(layer), layer.name)
     return Volume(np.array(array, copy=True) if copy else array, geometry)
 
 
@@ -105,7 +100,7 @@ def volume_from_attributes(data, attributes: Mapping[str, Any]) -> Volume:
     name = attributes.get("name", "layer")
     if array.ndim != 3:
         raise InputError(f"'{name}' has {array.ndim} dimensions (shape {array.shape}); semiseg writes 3D volumes")
-    geometry = geometry_from(attributes.get("metadata"), array.shape, attributes.get("scale"), attributes.get("translate"), name)
+    geometry = geometry_from(attributes.get("metadata"), array.shape, world_matrix(attributes), name)
     return Volume(array, geometry)
 
 

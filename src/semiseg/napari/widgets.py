@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
-from semiseg.napari._qt_common import CheckpointPicker, DevicePicker, FolderField, LayerChoice, Sparkline, ThreadJob, session_for
+from semiseg.napari._qt_common import CheckpointPicker, DevicePicker, FolderField, LayerChoice, Sparkline, ThreadJob
 from semiseg.napari.layers import (
     ERROR_COLORS,
     ERROR_NAMES,
@@ -59,12 +59,17 @@ from semiseg.napari.layers import (
     names_from_metadata,
     volume_from_layer,
 )
+from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
+from semiseg.napari.session import session_for
 
 OUTPUT_ROLES = ("entropy", "disagreement")
+# Patch (z, y, x) offered when the user turns the automatic choice off before a run has made one.
+MANUAL_PATCH = (64, 96, 96)
 
 
 def _is_scan(layer) -> bool:
-    return layer.metadata.get("role") not in OUTPUT_ROLES
+    """A 3D single-channel image that is not one of the plugin's uncertainty maps."""
+    return layer.ndim == 3 and not getattr(layer, "rgb", False) and layer.metadata.get("role") not in OUTPUT_ROLES
 
 
 def _user_labels(layer) -> bool:
@@ -129,8 +134,8 @@ def _put_layer(viewer, kind: type, name: str, data: np.ndarray, attributes: dict
         if kind is Image or _unedited(existing):
             existing.data = data
             existing.metadata = attributes["metadata"]
-            existing.scale = attributes["scale"]
-            existing.translate = attributes["translate"]
+            for key in TRANSFORM_KEYS:
+                setattr(existing, key, attributes[key])
             if "features" in attributes:
                 existing.features = attributes["features"]
             if "contrast_limits" in attributes:
@@ -156,7 +161,7 @@ def show_segmentation(viewer, image_layer, result: jobs.SegmentResult, protect=(
         "device": result.device,
         "tta": result.tta,
     }
-    placement = {"scale": list(image_layer.scale), "translate": list(image_layer.translate)}
+    placement = placement_of(image_layer)
     geometry, shape = prediction.labels.geometry, prediction.labels.shape
     names = result.class_names
     labels = prediction.labels.array
@@ -248,6 +253,7 @@ class SegmentWidget(QWidget):
         self.tta = QCheckBox("test-time augmentation (8 flips; 8× slower)")
         self.reference = LayerChoice(napari_viewer, Labels, none_text="none", accept=_user_labels)
         self.reference.setToolTip("A reference (ground-truth) label map on the same grid: adds an error map and per-class metrics")
+        self.reference.currentIndexChanged.connect(lambda index: self.session.set_reference(self.reference.layer()))
         box, form = _form()
         form.addRow("Scan", self.image)
         form.addRow("Model", self.model)
@@ -278,13 +284,11 @@ class SegmentWidget(QWidget):
         clicked = time.perf_counter()
         layer = self.image.layer()
         checkpoint = self.model.path()
-        if layer is None:
-            show_error("semiseg: open a scan first (File > Open, or File > Open Sample > Hippocampus MRI)")
-            return
-        if not checkpoint:
-            show_error("semiseg: choose a model first: train one (Train), or Browse… to a checkpoint folder")
-            return
         try:
+            if layer is None:
+                raise InputError("open a scan first (File > Open, or File > Open Sample > Hippocampus MRI)")
+            if not checkpoint:
+                raise InputError("choose a model first: train one (Train), or Browse… to a checkpoint folder")
             device = self.device.device()
             volume = volume_from_layer(layer)
             reference_layer = self.reference.layer()
@@ -295,6 +299,7 @@ class SegmentWidget(QWidget):
                     raise InputError(f"the reference '{reference_layer.name}' has shape {reference.shape}, the scan {volume.shape}; choose the scan's label map")
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
+            self.buttons.status.setText(f"not started: {_one_line(error)}")  # never an earlier run's outcome
             return
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
@@ -529,13 +534,13 @@ class TrainWidget(QWidget):
         patch_row = QHBoxLayout()
         patch_row.setContentsMargins(0, 0, 0, 0)
         patch_row.addWidget(self.auto_patch)
-        for spin, value in zip(self.patch, (64, 96, 96)):
-            spin.setRange(8, 1024)
+        for spin in self.patch:
+            spin.setRange(0, 1024)
             spin.setSingleStep(16)
-            spin.setValue(value)
-            spin.setEnabled(False)
+            spin.setSpecialValueText("auto")  # 0: chosen by the run, from the dataset (shown once it has)
             patch_row.addWidget(spin)
-        self.auto_patch.toggled.connect(lambda on: [s.setEnabled(not on) for s in self.patch])
+        self.auto_patch.toggled.connect(self._auto_patch_toggled)
+        self._auto_patch_toggled(True)
         patch_box = QWidget()
         patch_box.setLayout(patch_row)
         self.batch = QSpinBox()
@@ -579,10 +584,26 @@ class TrainWidget(QWidget):
         self.force_timer.setSingleShot(True)
         self.force_timer.timeout.connect(self._offer_force)
 
+    def _auto_patch_toggled(self, auto: bool) -> None:
+        for spin, manual in zip(self.patch, MANUAL_PATCH):
+            spin.setEnabled(not auto)
+            spin.setMinimum(0 if auto else 8)
+            if auto:
+                spin.setValue(0)
+            elif spin.value() < 8:
+                spin.setValue(manual)
+
+    def _show_patch(self, patch_size) -> None:
+        """The patch size a run chose itself, in the greyed boxes."""
+        if self.auto_patch.isChecked() and patch_size:
+            for spin, value in zip(self.patch, patch_size):
+                spin.setValue(int(value))
+
     # Dataset description --------------------------------------------------------------------------
     def _describe(self, folder: str) -> None:
         if not folder:
             return
+        self._auto_patch_toggled(self.auto_patch.isChecked())  # another dataset: its patch is not known yet
         from semiseg.napari.training_process import describe_dataset
 
         self.found.setText("looking…")
@@ -620,6 +641,7 @@ class TrainWidget(QWidget):
         )
 
     def start(self) -> None:
+        from semiseg.napari.preflight import check_training
         from semiseg.napari.training_process import cli_command
 
         if self.process is not None and self.process.running:
@@ -627,6 +649,7 @@ class TrainWidget(QWidget):
         try:
             self.device.device()
             config = self.config()
+            check_training(config)
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
             return
@@ -654,10 +677,12 @@ class TrainWidget(QWidget):
 
     def _event(self, event: dict) -> None:
         kind = event.get("type")
-        if kind in ("end", "cancelled"):
+        if kind == "dataset":
+            self._show_patch(event.get("patch_size"))
+        elif kind in ("end", "cancelled"):
             best = event.get("checkpoint")
             if best and checkpoints.is_checkpoint(best):
-                self.session.add(best)
+                self.session.finish_run(best)
                 self.buttons.status.setText(("stopped" if kind == "cancelled" else "finished") +
                                             f" at iteration {event.get('iteration')}; the model {best} is now selectable in Segment")
                 show_info(f"semiseg: training {'stopped' if kind == 'cancelled' else 'finished'}; model: {best}")
@@ -720,7 +745,7 @@ class FineTuneWidget(QWidget):
         self.correction_path: Path | None = None
         self.new_checkpoint: str | None = None
         self.image = LayerChoice(napari_viewer, Image, accept=_is_scan)
-        self.labels = LayerChoice(napari_viewer, Labels, accept=_user_labels, follow_active=True)
+        self.labels = LayerChoice(napari_viewer, Labels, accept=_user_labels)
         self.model = CheckpointPicker(self.session)
         self.folder = FolderField("folder of unlabeled scans (or a dataset folder)", "Choose the folder of unlabeled scans")
         self.use_labels = QCheckBox("also train on the folder's labeled scans, if any")
@@ -763,10 +788,30 @@ class FineTuneWidget(QWidget):
         layout.addStretch(1)
         self.buttons.start.clicked.connect(self.run)
         self.buttons.cancel.clicked.connect(self.cancel)
+        self._preselect_correction()
+        self.session.labels_painted.connect(self._painted)
+
+    def _preselect_correction(self) -> None:
+        """The label layer painted last; else any but Segment's reference."""
+        painted, reference = self.session.last_painted(), self.session.reference()
+        if painted is not None and painted is not reference:
+            self.labels.set_layer(painted)
+        elif self.labels.layer() is reference:
+            others = [layer for layer in self.labels.layers() if layer is not reference]
+            if others:
+                self.labels.set_layer(others[-1])
+
+    def _painted(self, layer) -> None:
+        try:
+            if layer is not self.session.reference():
+                self.labels.set_layer(layer)
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
 
     def run(self) -> None:
         from semiseg.checkpoint import read_meta
         from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
+        from semiseg.napari.preflight import check_unlabeled_folder
 
         if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
             return
@@ -781,6 +826,7 @@ class FineTuneWidget(QWidget):
             if not self.output.text():
                 raise InputError("choose an output folder")
             self.device.device()
+            check_unlabeled_folder(self.folder.text())
             volume = volume_from_layer(image)
             correction = volume_from_layer(labels, copy=True)
             if correction.shape != volume.shape:
@@ -832,7 +878,7 @@ class FineTuneWidget(QWidget):
             self.buttons.status.setText(f"failed: {event.get('message')} (the correction stays saved: {self.correction_path})")
         elif kind == "exit":
             if self.new_checkpoint and checkpoints.is_checkpoint(self.new_checkpoint) and not self.state.get("cancelled"):
-                self.session.add(self.new_checkpoint)
+                self.session.finish_run(self.new_checkpoint)
                 self._repredict()
                 return
             self.buttons.busy(False)
@@ -897,7 +943,6 @@ class ReviewWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
-        self.queue = None
         self.job: ThreadJob | None = None
         self.folder = FolderField("folder of unlabeled scans", "Choose a folder of scans to review")
         self.model = CheckpointPicker(self.session)
@@ -927,6 +972,13 @@ class ReviewWidget(QWidget):
         self.buttons.cancel.clicked.connect(lambda: self.job.stop() if self.job else None)
         self.open_next.clicked.connect(self.next)
         self.table.cellDoubleClicked.connect(lambda row, column: self.open_entry(self.queue.entries[row]) if self.queue else None)
+        self.session.review_changed.connect(self.refresh)
+        self.refresh()
+
+    @property
+    def queue(self):
+        """The window's review queue: every Review widget of the window shows the same one."""
+        return self.session.review_queue
 
     def rank(self) -> None:
         from semiseg.checkpoint import read_meta
@@ -951,7 +1003,7 @@ class ReviewWidget(QWidget):
             model = checkpoints.MODELS.get(checkpoint, device)
             return queue.rank(model, device, jobs.segment, progress, should_stop)
 
-        self.queue = queue
+        self.session.review_queue = queue
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
         self.buttons.status.setText("predicting the scans…")
@@ -975,18 +1027,21 @@ class ReviewWidget(QWidget):
         failed = [e for e in self.queue.entries if e.error]
         self.buttons.status.setText(f"{len(self.queue.entries) - len(failed)} scans ranked, most uncertain first"
                                     + (f"; {len(failed)} could not be read (hover them)" if failed else ""))
-        self.refresh()
+        self.session.review_changed.emit()
 
     def refresh(self) -> None:
         entries = self.queue.entries if self.queue else []
-        self.table.setRowCount(len(entries))
-        for row, entry in enumerate(entries):
-            score = "error" if entry.error else ("" if entry.score is None else f"{entry.score:.4f}")
-            for column, text in enumerate([str(row + 1), entry.name, score, "✓" if entry.reviewed else ""]):
-                item = QTableWidgetItem(text)
-                item.setToolTip(entry.error or entry.scan)
-                self.table.setItem(row, column, item)
-        self.open_next.setEnabled(self.queue is not None and self.queue.next_unreviewed() is not None)
+        try:
+            self.table.setRowCount(len(entries))
+            for row, entry in enumerate(entries):
+                score = "error" if entry.error else ("" if entry.score is None else f"{entry.score:.4f}")
+                for column, text in enumerate([str(row + 1), entry.name, score, "✓" if entry.reviewed else ""]):
+                    item = QTableWidgetItem(text)
+                    item.setToolTip(entry.error or entry.scan)
+                    self.table.setItem(row, column, item)
+            self.open_next.setEnabled(self.queue is not None and self.queue.next_unreviewed() is not None)
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
 
     def next(self):
         entry = self.queue.next_unreviewed() if self.queue else None
@@ -1014,7 +1069,7 @@ class ReviewWidget(QWidget):
         names = names_from_metadata({"class_names": (meta or {}).get("class_names")})
         common = {"source_path": entry.scan, "image_path": entry.scan, "image_layer": image.name, "checkpoint": self.queue.checkpoint,
                   "checkpoint_sha256": (meta or {}).get("weights_sha256"), "method": ((meta or {}).get("model") or {}).get("method")}
-        placement = {"scale": list(image.scale), "translate": list(image.translate)}
+        placement = placement_of(image)
         prediction = labels.array.astype(np.uint8, copy=False)
         self.viewer.add_labels(prediction, name=f"{image.name} prediction", opacity=0.6, features=label_features(names), **placement,
                                metadata=geometry_metadata(labels.geometry, labels.shape, role="prediction", class_names=jsonable_names(names),
@@ -1025,7 +1080,7 @@ class ReviewWidget(QWidget):
                                   metadata=geometry_metadata(entropy.geometry, entropy.shape, role="entropy", **common))
         self.viewer.layers.selection.active = self.viewer.layers[f"{image.name} prediction"]
         self.queue.mark_reviewed(entry)
-        self.refresh()
+        self.session.review_changed.emit()
         self.table.selectRow(self.queue.entries.index(entry))
         self.buttons.status.setText(f"opened {entry.name} (uncertainty {entry.score:.4f})")
         return image
@@ -1112,7 +1167,7 @@ class ExportWidget(QWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     def export(self, only_checked: bool = True) -> list[Path]:
-        from semiseg.napari.export import ExportItem, existing, export, targets
+        from semiseg.napari.export import existing, export, export_item, targets
 
         layers = self.chosen_layers(only_checked)
         folder = self.folder.text()
@@ -1123,7 +1178,7 @@ class ExportWidget(QWidget):
                 raise InputError("choose the export folder")
             folder_path = Path(folder).expanduser()
             folder_path.mkdir(parents=True, exist_ok=True)
-            items = [ExportItem(layer.name, volume_from_layer(layer, copy=True), dict(layer.metadata)) for layer in layers]
+            items = [export_item(layer, self.viewer.layers) for layer in layers]
             suffix = self.format.currentText()
             clashes = existing(targets(items, folder_path, suffix))
             if clashes and not self.confirm_overwrite(clashes):
