@@ -135,12 +135,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_weights(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def load_weights(path: str | os.PathLike, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     folder = resolve(path)
     weights = folder / MODEL_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {MODEL_WEIGHTS} is missing")
-    if sha256(weights) != meta.get("weights_sha256"):
+    if sha256(weights) != expected_sha256:
         raise CheckpointError(f"{weights}: checksum mismatch; the file is corrupt or partial")
     try:
         return load_file(weights)
