@@ -53,7 +53,7 @@ def run_one(spec: dict, queue) -> None:
         out = Path(scratch) / "run"
         labeled, validation = "100%" if spec["labeled"] >= 1 else f"{spec['labeled'] * 100:g}%", "40"
         if spec.get("labeled_count"):
-            labeled, validation = seeded_split_files(Path(scratch), spec["labeled_count"], spec["seed"])
+            labeled, validation = seeded_split(spec["labeled_count"], spec["seed"])
         config = TrainConfig(
             data=str(DATA), output=str(out), method=spec["method"], network=spec["network"],
             network_options=spec["network_options"], method_options=spec["options"], labeled=labeled,
@@ -68,7 +68,7 @@ def run_one(spec: dict, queue) -> None:
         dataset = {c.case_id: c for c in load_dataset(DATA).cases}
         classes = [c for c in sorted(model.plan.class_names) if c != 0]
         rows, infer_seconds = [], 0.0
-        validation_ids = model.meta["split"]["validation"]
+        validation_ids = model.record.split.validation
         for case_id in validation_ids:
             image, label = read_case(dataset[case_id])
             tick = time.perf_counter()
@@ -82,7 +82,7 @@ def run_one(spec: dict, queue) -> None:
         "method": spec["method"], "variant": spec["variant"], "labeled": spec["labeled"], "seed": spec["seed"],
         "iterations": spec["iterations"], "threads": spec["threads"], "network": spec["network"], "network_options": spec["network_options"],
         "options": spec["options"], "optimizer": spec["optimizer"], "lr": spec["lr"],
-        "labeled_cases": len(model.meta["split"]["labeled"]), "unlabeled_cases": len(model.meta["split"]["unlabeled"]),
+        "labeled_cases": len(model.record.split.labeled), "unlabeled_cases": len(model.record.split.unlabeled),
         "validation_cases": len(rows),
         "parameters": int(sum(p.numel() for p in model.method.networks.parameters())),
         "sec_per_iter": iterations[-1]["sec_per_iter"], "train_seconds": train_seconds,
@@ -111,9 +111,9 @@ def run_identity(run: dict) -> tuple:
             run["iterations"] if run.get("labeled_count") else None)
 
 
-def seeded_split_files(folder: Path, count: int, seed: int) -> tuple[str, str]:
-    """List files for a seeded comparison: the fixed seed-0 validation cases, and `count` labeled cases
-    drawn by `seed` from the other 160 (every case when count reaches them all); the rest train unlabeled."""
+def seeded_split(count: int, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded comparison's cases: `count` labeled cases drawn by `seed` from the 160 training cases (every
+    one when count reaches them all), and the fixed seed-0 validation cases; the rest train unlabeled."""
     import random
 
     from semiseg.datasets import choose_split, load_dataset
@@ -123,9 +123,7 @@ def seeded_split_files(folder: Path, count: int, seed: int) -> tuple[str, str]:
     random.Random(seed).shuffle(pool)
     if count > len(pool):
         raise SystemExit(f"n{count}: only {len(pool)} training cases")
-    (folder / "labeled.txt").write_text("\n".join(sorted(pool[:count])) + "\n")
-    (folder / "validation.txt").write_text("\n".join(fixed.validation) + "\n")
-    return str(folder / "labeled.txt"), str(folder / "validation.txt")
+    return sorted(pool[:count]), fixed.validation
 
 
 def render(runs: list[dict]) -> None:

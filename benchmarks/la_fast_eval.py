@@ -26,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def main() -> None:
     from semiseg import benchmark_la as la
-    from semiseg.checkpoint import read_meta
+    from semiseg.models import read_record
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -41,10 +41,10 @@ def main() -> None:
     split = la.protocol_split(args.data, 8)
     if args.cases:
         split.test = split.test[: args.cases]
-    meta = read_meta(args.checkpoint)
+    record = read_record(args.checkpoint)
     preset = la.PRESETS["la"]
-    report: dict = {"checkpoint": str(args.checkpoint), "iteration": meta["iteration"], "method": meta["model"]["method"],
-                    "network": meta["model"]["network"], "cases": split.test, "threads": args.threads,
+    report: dict = {"checkpoint": str(args.checkpoint), "iteration": record.iteration, "method": record.method,
+                    "network": {"name": record.network, "options": record.network_options}, "cases": split.test, "threads": args.threads,
                     "load_average_before": os.getloadavg(), "evaluations": {}}
     predictions = {}
     protocol_settings, fast_settings = la.eval_settings(preset, False), la.eval_settings(preset, True)

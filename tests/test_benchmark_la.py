@@ -19,6 +19,7 @@ import pytest
 from semiseg import benchmark_la as la
 from semiseg.cli import main
 from semiseg.metrics import binary_metrics
+from semiseg.models import read_record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LA_ROOT = SHARED / "data" / "la"
@@ -98,8 +99,9 @@ def test_benchmark_writes_results_and_table_for_both_conventions(finished):
     for outcome in (last, best):
         assert len(outcome["cases"]) == 1 and 0.0 <= outcome["summary"]["dice"]["mean"] <= 1.0
     assert (finished / "seed-0" / "metrics_last.csv").is_file() and (finished / "seed-0" / "metrics_best-lcc.csv").is_file()
-    # The trainer saw only the training cases, never the test case.
-    assert sorted(p.name for p in (finished / "training-cases").iterdir()) == sorted(_ids("train.list")[:2])
+    # The trainer was given the training cases only, never the test case.
+    trained_on = read_record(finished / "seed-0" / "last").split
+    assert sorted(trained_on.labeled + trained_on.unlabeled) == sorted(_ids("train.list")[:2]) and trained_on.validation == []
 
     table = (finished / "table.md").read_text()
     assert la.TABLE_HEADER in table

@@ -38,15 +38,13 @@ def test_an_option_for_no_run_is_refused():
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus").is_dir(), reason="needs ../shared/data")
-def test_seeded_split_keeps_the_validation_cases_and_draws_nested_labeled_sets(tmp_path):
+def test_seeded_split_keeps_the_validation_cases_and_draws_nested_labeled_sets():
     benchmark = _benchmark()
     drawn = {}
     for seed in (0, 1):
         for count in (4, 16):
-            folder = tmp_path / f"{seed}-{count}"
-            folder.mkdir()
-            labeled, validation = benchmark.seeded_split_files(folder, count, seed)
-            drawn[seed, count] = set(Path(labeled).read_text().split()), Path(validation).read_text().split()
+            labeled, validation = benchmark.seeded_split(count, seed)
+            drawn[seed, count] = set(labeled), validation
     earlier_rows = choose_split(load_dataset(benchmark.DATA), "10%", "40", 0).validation
     for (seed, count), (labeled, validation) in drawn.items():
         assert validation == earlier_rows and len(labeled) == count and not labeled & set(validation)

@@ -264,7 +264,7 @@ def truncated_copy(source: Path, target: Path) -> Path:
 
 def train_fails(capsys, tmp_path, data, phrase, *extra) -> str:
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--data", data, "--out", run, "--method", "supervised", *TINY, *extra)
+    code, _, err = run_cli(capsys, "train", "--data", data, "--out", run, "--method", "supervised", "--labeled", "100%", *TINY, *extra)
     assert code == 2, err
     line = error_line(err, phrase)
     assert not run.exists(), files_under(run)  # no log, no folder left behind

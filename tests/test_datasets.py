@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from semiseg.datasets import Case, Dataset, Split, choose_split, load_dataset
+from semiseg.datasets import (
+    LA_FILE, Case, Dataset, Split, case_id_of, choose_split, class_names_near, image_for_label, load_dataset, select_split,
+)
 from semiseg.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +293,49 @@ def test_split_errors(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(InputError, match="names no case"):
         choose_split(dataset, str(empty))
+
+
+def test_cases_given_one_by_one_by_id_and_by_path(tmp_path):
+    dataset = load_dataset(SAMPLE)
+    elsewhere = tmp_path / "corrections"
+    elsewhere.mkdir()
+    correction = elsewhere / "hippocampus_001_fixed.nii.gz"
+    correction.write_bytes((SAMPLE / "labelsTr" / "hippocampus_001.nii.gz").read_bytes())
+    image = str(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz")
+    split = select_split(dataset, ["hippocampus_004", [image, str(correction)]], ["hippocampus_006"], seed=3)
+    assert split.labeled == ["hippocampus_004", "hippocampus_001_fixed"] and split.validation == ["hippocampus_006"]
+    # Every other scan trains unlabeled, the corrected scan's own case included; the correction is a case now.
+    assert len(split.unlabeled) == 20 - 2 and "hippocampus_001" in split.unlabeled and split.seed == 3
+    added = next(c for c in dataset.cases if c.case_id == "hippocampus_001_fixed")
+    assert (added.image, added.label) == (image, str(correction))
+    # The dataset's own files given by path are its cases, not new ones.
+    again = select_split(load_dataset(SAMPLE), [[image, str(SAMPLE / "labelsTr" / "hippocampus_001.nii.gz")]],
+                         unlabeled=[str(SAMPLE / "imagesTs" / "hippocampus_036.nii.gz")])
+    assert (again.labeled, again.unlabeled, again.validation) == (["hippocampus_001"], ["hippocampus_036"], [])
+
+
+def test_cases_given_one_by_one_refuse_mistakes(tmp_path):
+    dataset = load_dataset(SAMPLE)
+    with pytest.raises(InputError, match="have no label"):
+        select_split(dataset, ["hippocampus_036"])
+    with pytest.raises(InputError, match="both labeled and validation"):
+        select_split(dataset, ["hippocampus_004"], ["hippocampus_004"])
+    with pytest.raises(InputError, match="no such case id"):
+        select_split(dataset, ["hippocampus_999"])
+    with pytest.raises(InputError, match="give the labeled cases as a list"):
+        select_split(dataset, "50%", ["hippocampus_004"])
+    other = write(tmp_path / "hippocampus_004.nii.gz")
+    with pytest.raises(InputError, match="another scan's"):
+        select_split(dataset, ["hippocampus_001"], unlabeled=[str(other)])
+
+
+def test_layout_rules_for_single_files(tmp_path):
+    label = SAMPLE / "labelsTr" / "hippocampus_001.nii.gz"
+    assert class_names_near(label) == {0: "background", 1: "Anterior", 2: "Posterior"}
+    assert image_for_label(label) == SAMPLE / "imagesTr" / "hippocampus_001.nii.gz"
+    assert class_names_near(write(tmp_path / "loose.nii.gz")) is None and image_for_label(tmp_path / "loose.nii.gz") is None
+    channel = write(tmp_path / "imagesTr" / "case_7_0000.nii.gz")
+    write(tmp_path / "labelsTr" / "case_7.nii.gz")
+    assert image_for_label(tmp_path / "labelsTr" / "case_7.nii.gz") == channel
+    assert case_id_of(channel) == "case_7" and case_id_of(tmp_path / "case_9.nrrd") == "case_9"
+    assert case_id_of(tmp_path / "LA" / "ABC123" / LA_FILE) == "ABC123"

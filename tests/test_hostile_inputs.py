@@ -45,7 +45,7 @@ def test_training_and_prediction_on_a_dataset_with_non_utf8_names(tmp_path, monk
             shutil.copy(SAMPLE / sub / name, data / sub / f"{LATIN1}_{name}")
     shutil.copy(SAMPLE / "dataset.json", data)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--method", "supervised", "--network-option", "base_filters=4",
+    assert main(["train", "--data", str(data), "--out", str(run), "--method", "supervised", "--labeled", "100%", "--network-option", "base_filters=4",
                  "--iterations", "2", "--validation", "1", "--workers", "0", "--device", "cpu"]) == 0
     split = json.loads((run / "best" / "model.json").read_text())["split"]
     assert sorted(split["labeled"] + split["validation"]) == sorted(f"{LATIN1}_{n[:-7]}" for n in CASES)

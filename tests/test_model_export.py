@@ -85,8 +85,10 @@ def test_existing_files_are_not_overwritten_unless_asked(model, tmp_path):
 def test_an_onnx_export_that_cannot_be_made_is_refused_and_leaves_nothing(tmp_path):
     # sscl's spectral branch (FFT) has no ONNX form at opset 17; random weights suffice to show it.
     method = build_method("sscl", 1, 3, NetworkSpec("vnet", {"base_filters": 4})).eval()
-    model = Model(method, dataclasses.replace(load_model(DEFAULT_MODEL).plan, patch_size=(16, 16, 16)),
-                  {"model": {**method.config(), "in_channels": 1, "num_classes": 3}}, "sscl")
+    default = load_model(DEFAULT_MODEL)
+    plan = dataclasses.replace(default.plan, patch_size=(16, 16, 16))
+    record = dataclasses.replace(default.record, method="sscl", method_options={}, network_options={"base_filters": 4}, plan=plan)
+    model = Model(method, plan, record, "sscl")
     with pytest.raises(InputError, match="sscl cannot be exported to ONNX.*fft.*torchscript"):
         export_onnx(model, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []

@@ -136,7 +136,7 @@ def test_short_real_run_reduces_the_supervised_loss_and_reloads_to_predict(tmp_p
     assert logged[-1]["cps_first"] > logged[0]["cps_first"]
 
     model = load_model(best)
-    assert model.meta["model"]["network"]["name"] == "residual-unet"
+    assert model.record.network == "residual-unet"
     image, _ = read_case(load_dataset(SAMPLE).cases[0])
     prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"), overlap=model.method.inference_overlap)
     assert prediction.labels.shape == image.shape and prediction.disagreement is None

@@ -62,13 +62,13 @@ def test_short_supervised_training_reaches_dice_on_real_validation_cases(tmp_pat
     model = load_model(best)
     cases = {c.case_id: c for c in load_dataset(SAMPLE).cases}
     dices = []
-    for case_id in model.meta["split"]["validation"]:
+    for case_id in model.record.split.validation:
         image, label = read_case(cases[case_id])
         prediction = predict_volume(image, model.plan, model.predictors(), torch.device("cpu"))
         assert prediction.labels.geometry == image.geometry and prediction.labels.shape == image.shape
         dices += [m["dice"] for m in case_metrics(prediction.labels.array, label.array, [1, 2]).values()]
     assert np.mean(dices) > 0.6, dices
-    assert model.meta["validation"]["best_dice_mean"] == pytest.approx(max(v["dice_mean"] for v in validations))
+    assert model.record.best_dice_mean == pytest.approx(max(v["dice_mean"] for v in validations))
 
 
 def test_resume_continues_the_uninterrupted_run_exactly(tmp_path):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from semiseg.cli import key_value_option
+from semiseg.config import add_arguments, check_arguments, from_arguments
 from semiseg.errors import InputError, OutputExistsError, require
 
 DESCRIPTION = """\
@@ -45,10 +43,14 @@ tens of seconds (docs/benchmark-la.md).
 """
 
 
-PRESET_NAMES = ("la", "pancreas-ct", "kits19")  # semiseg.benchmark_la.PRESETS, not imported to keep --help light
+# The training settings the protocol lets a user change: TrainConfig's arguments, with the protocol's defaults.
+TRAINING_ARGUMENTS = ["method", "network", "method_options", "network_options", "iterations", "lr", "batch_size", "device",
+                      "workers", "log_every", "amp", "overwrite"]
 
 
 def add_parser(commands) -> None:
+    from semiseg.benchmark_la import PRESETS, PROTOCOL_TRAINING
+
     benchmark = commands.add_parser("benchmark", help="run a paper benchmark protocol (la)",
                                     description="Paper benchmark protocols. `semiseg benchmark la --help` for the Left Atrium one.")
     protocols = benchmark.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
@@ -56,27 +58,22 @@ def add_parser(commands) -> None:
                               description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     la.add_argument("--data", help="the LA folder: train.list, test.list and <case>/mri_norm2.h5 folders (UA-MT's data/LA)")
     la.add_argument("--out", help="output folder: seed-S/ runs, results.json, table.md")
-    la.add_argument("--method", default="mean-teacher", help="training method (see `semiseg methods`) (default: mean-teacher)")
-    la.add_argument("--network", default="vnet", help="network (default: vnet, the papers' VNet)")
     la.add_argument("--labeled", default="8", help="labeled scans: a count (8, 16) or a percentage of train.list (10%%, 20%%) (default: 8)")
-    la.add_argument("--iterations", type=int, default=6000, help="training iterations (default: 6000, UA-MT/DTC)")
     la.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="one training run per seed (default: 0)")
     la.add_argument("--convention", choices=["last", "best-lcc", "both"], default="both", help="evaluation convention(s) (default: both)")
     la.add_argument("--fast-eval", action="store_true", help="evaluate with overlap 0.5 and Gaussian blending instead of stride 18x18x4 (faster, not the protocol; labeled 'fast eval')")
-    la.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    la.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
-    la.add_argument("--network-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=16")
-    la.add_argument("--lr", type=float, default=0.01, help="initial learning rate, poly decay (default: 0.01, the papers')")
-    la.add_argument("--batch-size", type=int, default=2, help="labeled patches per iteration, as many unlabeled (default: 2)")
     la.add_argument("--select-from", type=int, default=800, help="best-lcc: first iteration checked on the test cases (default: 800)")
     la.add_argument("--select-every", type=int, default=200, help="best-lcc: iterations between checks; also the checkpoint interval (default: 200)")
     la.add_argument("--predictor", help="evaluate one of the method's predicting networks (e.g. student, as UA-MT) instead of their average")
-    la.add_argument("--preset", choices=PRESET_NAMES, default="la",
-                    help="patch/stride preset: la 112x112x80 / 18x18x4, pancreas-ct 96x96x96 / 16x16x16, kits19 128x128x64 / 18x18x4 (x,y,z); the data must be in the LA folder layout (default: la)")
-    la.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
-    la.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line (default: 10)")
-    la.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    la.add_argument("--overwrite", action="store_true", help="replace the runs and results already in --out")
+    presets = ", ".join(f"{name} {'x'.join(map(str, p.patch_xyz))} / {'x'.join(map(str, p.stride_xyz))}" for name, p in PRESETS.items())
+    la.add_argument("--preset", choices=list(PRESETS), default="la",
+                    help=f"patch/stride preset (x,y,z): {presets}; the data must be in the LA folder layout (default: la)")
+    add_arguments(la, TRAINING_ARGUMENTS, defaults=PROTOCOL_TRAINING, helps={
+        "network": "network (vnet: the papers' VNet)",
+        "iterations": "training iterations (UA-MT/DTC: 6000)",
+        "lr": "initial learning rate, poly decay (the papers': 0.01)",
+        "overwrite": "replace the runs and results already in --out",
+    })
     la.add_argument("--paper-settings", action="store_true",
                     help="train as the method's paper/code does on LA (iterations, batch, options, convention; recorded for: bcp); replaces --iterations, --batch-size, --select-from and --convention")
     la.add_argument("--table", nargs="+", metavar="RUN_DIR", help="build one table from finished runs' results.json instead of training")
@@ -115,15 +112,11 @@ def _check(args: argparse.Namespace) -> None:
     checks = [
         (args.data is not None, "--data is required (the LA folder with train.list and test.list), unless --table"),
         (args.out is not None, "--out is required (the folder for the runs, results.json and table.md)"),
-        (args.iterations >= 1, f"--iterations {args.iterations}: must be at least 1"),
-        (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1"),
         (args.select_every >= 1, f"--select-every {args.select_every}: must be at least 1"),
-        (args.log_every >= 1, f"--log-every {args.log_every}: must be at least 1"),
-        (args.workers >= 0, f"--workers {args.workers}: must be 0 or more"),
-        (args.lr > 0, f"--lr {args.lr}: must be positive"),
         (len(set(args.seeds)) == len(args.seeds), f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated"),
     ]
     require(checks)
+    check_arguments(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
@@ -131,123 +124,49 @@ def _check(args: argparse.Namespace) -> None:
         raise OutputExistsError(f"{out / 'results.json'} exists; refusing to overwrite it (use --overwrite, or another --out)")
 
 
-def _method_label(args: argparse.Namespace) -> str:
-    options = [f"{k}={v}" for k, v in args.network_option] + [f"{k}={v}" for k, v in args.option]
-    return f"{args.method} ({args.network}{', ' + ', '.join(options) if options else ''})"
-
-
 def _benchmark(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from semiseg import benchmark_la as la
-    from semiseg.checkpoint import read_meta
-    from semiseg.devices import describe, resolve_device
-    from semiseg.methods import method_class
-    from semiseg.metrics import write_csv
-    from semiseg.training import TrainConfig, train
 
     _check(args)
-    preset = la.PRESETS[args.preset]
-    method_cls = method_class(args.method)
-    split = la.protocol_split(args.data, args.labeled)
-    device = resolve_device(args.device)
-    conventions = la.CONVENTIONS if args.convention == "both" else (args.convention,)
-    smoke = bool(args.smoke_patch or args.smoke_stride)
-    patch_zyx = tuple(args.smoke_patch) if args.smoke_patch else preset.patch_zyx
-    settings = la.eval_settings(preset, args.fast_eval, patch_zyx, tuple(args.smoke_stride) if args.smoke_stride else None)
+    training = {k: v for k, v in from_arguments(args, data=args.data, output=args.out).to_dict().items() if k in TRAINING_ARGUMENTS}
+    bars: dict[int, Any] = {}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    view = la.make_training_view(split, out / "training-cases")
-    labeled_list = out / "labeled.list"
-    labeled_list.write_text("".join(f"{case_id}\n" for case_id in split.labeled))
-    unlabeled = len(split.unlabeled) if method_cls.uses_unlabeled else 0
-    result: dict[str, Any] = {
-        "benchmark": "semiseg-la", "preset": preset.name, "smoke": smoke,
-        "method": args.method, "network": args.network, "method_options": dict(args.option),
-        "network_options": dict(args.network_option), "method_label": _method_label(args),
-        "labeled": len(split.labeled), "unlabeled": unlabeled, "split": split.to_dict(),
-        "patch_xyz": la.xyz(patch_zyx[::-1]), "patch_zyx": la.xyz(patch_zyx), "iterations": args.iterations,
-        "batch_size": args.batch_size, "lr": args.lr, "device": describe(device),
-        "evaluation": {"name": settings.name, "description": settings.description, "patch_zyx": list(settings.patch_zyx),
-                       "overlap_zyx": list(settings.overlap), "blending": settings.mode, "units": "voxels",
-                       "predictor": args.predictor or "mean of the method's predictors"},
-        "selection": {"from": args.select_from, "every": args.select_every, "on": "test.list cases, mean Dice without post-processing"},
-        "runs": [],
-    }
-    missing = len(split.unlabeled_missing)
-    tqdm.write(f"LA protocol: {len(split.labeled)} labeled (first of train.list), {len(split.unlabeled)} unlabeled found of "
-               f"{split.unlabeled_expected}{f' ({missing} missing on disk)' if missing else ''}, {len(split.test)} test cases of "
-               f"{len(split.test_listed)}; patch {result['patch_xyz']} (x,y,z); evaluation {settings.description}; device {describe(device)}")
-    if smoke:
-        tqdm.write("SMOKE RUN: patch/stride overridden; the numbers are not the protocol's")
-
-    for seed in args.seeds:
-        run_dir = out / f"seed-{seed}"
-        test = la.TestSet(split, settings, device, args.predictor)
-        selection = la.Selection(test, run_dir / "best-on-test") if "best-lcc" in conventions else None
-        config = TrainConfig(
-            data=str(view), output=str(run_dir), method=args.method, network=args.network, labeled=str(labeled_list),
-            validation="0", iterations=args.iterations, batch_size=args.batch_size, patch_size=patch_zyx, lr=args.lr,
-            validate_every=args.select_every, log_every=args.log_every, seed=seed, device=args.device, workers=args.workers,
-            amp=not args.no_amp, method_options=dict(args.option), network_options=dict(args.network_option),
-            overwrite=args.overwrite,
-        )
-        bar: dict[str, Any] = {}
-        timing: dict[str, float] = {}
-
-        def on_event(event: dict, seed: int = seed, selection=selection, bar=bar, timing=timing) -> None:
-            kind = event["type"]
-            if kind == "iteration":
-                progress = bar.get("bar") or bar.setdefault("bar", tqdm(total=event["iterations"], desc=f"seed {seed}", unit="it"))
-                progress.update(event["iteration"] - progress.n)
-                progress.set_postfix(loss=f"{event['loss']:.4f}")
-                timing["sec_per_iter"] = event["sec_per_iter"]
-            elif kind == "checkpoint" and event["name"] == "last" and selection is not None:
-                iteration = event["iteration"]
-                if args.select_from <= iteration < args.iterations and iteration % args.select_every == 0:
-                    selection.consider(Path(event["path"]), iteration)
-                    tqdm.write(f"seed {seed}, iteration {iteration}: test Dice {selection.history[-1]['test_dice']:.4f}"
-                               + (" (best)" if selection.history[-1]["best"] else ""))
-
-        started = time.perf_counter()
-        try:
-            train(config, on_event)
-        finally:
-            if "bar" in bar:
-                bar["bar"].close()
-        trained = time.perf_counter() - started
-        last = run_dir / "last"
-        iteration = int(read_meta(last)["iteration"])
-        predicted = selection.consider(last, iteration) if selection is not None else test.predict(last)
-        outcomes: dict[str, Any] = {}
-        if "last" in conventions:
-            rows = test.rows(*predicted, lcc=False)
-            outcomes["last"] = {"iteration": iteration, "checkpoint": str(last), "post_processing": "none",
-                                "summary": la.summarize_rows(rows), "cases": rows}
-        if selection is not None:
-            rows = test.rows(*selection.best, lcc=True)
-            outcomes["best-lcc"] = {"iteration": selection.best_iteration, "checkpoint": str(selection.folder),
-                                    "post_processing": "largest connected component", "selection_test_dice": selection.best_dice,
-                                    "history": selection.history, "summary": la.summarize_rows(rows), "cases": rows}
-        for convention, outcome in outcomes.items():
-            write_csv(outcome["cases"], run_dir / f"metrics_{convention}.csv")
-        result["runs"].append({"seed": seed, "conventions": outcomes, "train_seconds": trained,
-                               "sec_per_iter": timing.get("sec_per_iter"), "eval_seconds": test.seconds})
-        result["runs"].sort(key=lambda r: r["seed"])
-        la.write_json(out / "results.json", result)
-        (out / "table.md").write_text(la.markdown_table([result], la.load_literature()))
-        for convention, outcome in outcomes.items():
-            s = outcome["summary"]
-            tqdm.write(f"seed {seed} [{convention}{', fast eval' if settings.name == 'fast' else ''}] iteration {outcome['iteration']}: "
+    def on_progress(event: dict) -> None:
+        kind = event["type"]
+        if kind == "protocol":
+            split = event["split"]
+            missing = len(split.unlabeled_missing)
+            tqdm.write(f"LA protocol: {len(split.labeled)} labeled (first of train.list), {len(split.unlabeled)} unlabeled found of "
+                       f"{split.unlabeled_expected}{f' ({missing} missing on disk)' if missing else ''}, {len(split.test)} test cases of "
+                       f"{len(split.test_listed)}; patch {event['patch_xyz']} (x,y,z); evaluation {event['evaluation']}; device {event['device']}")
+            if event["smoke"]:
+                tqdm.write("SMOKE RUN: patch/stride overridden; the numbers are not the protocol's")
+        elif kind == "iteration":
+            bar = bars.get(event["seed"]) or bars.setdefault(event["seed"], tqdm(total=event["iterations"], desc=f"seed {event['seed']}", unit="it"))
+            bar.update(event["iteration"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+        elif kind in ("end", "cancelled") and event["seed"] in bars:
+            bars.pop(event["seed"]).close()
+        elif kind == "selection":
+            tqdm.write(f"seed {event['seed']}, iteration {event['iteration']}: test Dice {event['test_dice']:.4f}" + (" (best)" if event["best"] else ""))
+        elif kind == "outcome":
+            s = event["summary"]
+            tqdm.write(f"seed {event['seed']} [{event['convention']}{', fast eval' if event['fast_eval'] else ''}] iteration {event['iteration']}: "
                        f"Dice {100 * s['dice']['mean']:.2f}%  Jaccard {100 * s['jaccard']['mean']:.2f}%  "
                        f"95HD {s['hd95']['mean']:.2f}  ASD {s['asd']['mean']:.2f} (voxels)")
+
+    try:
+        result = la.run_protocol(
+            args.data, args.out, training, labeled=args.labeled, seeds=args.seeds,
+            conventions=la.CONVENTIONS if args.convention == "both" else (args.convention,), preset=args.preset,
+            fast_eval=args.fast_eval, predictor=args.predictor, select_from=args.select_from, select_every=args.select_every,
+            smoke_patch=args.smoke_patch, smoke_stride=args.smoke_stride, progress=on_progress,
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
     print(la.markdown_table([result], la.load_literature()))
-    print(f"results: {out / 'results.json'}\ntable: {out / 'table.md'}")
+    print(f"results: {Path(args.out) / 'results.json'}\ntable: {Path(args.out) / 'table.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    from semiseg.cli import main
-
-    sys.exit(main(["benchmark", *sys.argv[1:]]))

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,29 +200,6 @@ def protocol_split(data: str | os.PathLike, labeled: str | int) -> ProtocolSplit
     )
 
 
-def make_training_view(split: ProtocolSplit, folder: Path) -> Path:
-    """A folder holding only the training cases (case/mri_norm2.h5 links), so that the shared
-    trainer sees neither the test cases nor anything else in the LA folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    wanted = split.labeled + split.unlabeled
-    for entry in folder.iterdir():
-        if entry.name not in wanted:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    for case_id in wanted:
-        target = Path(split.files[case_id]).resolve()
-        link = folder / case_id / LA_FILE
-        link.parent.mkdir(exist_ok=True)
-        if link.is_symlink() or link.exists():
-            if link.resolve() == target:
-                continue
-            link.unlink()
-        try:
-            os.symlink(target, link)
-        except OSError:  # no symbolic links here (some Windows setups): a copy does
-            shutil.copy2(target, link)
-    return folder
-
-
 # Evaluation --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -375,11 +351,12 @@ class Selection:
 
 def _copy_checkpoint(source: Path, target: Path, selection: dict) -> None:
     """Save the weights of `source` as a model-only checkpoint at `target`, noting the selection."""
-    from semiseg.checkpoint import load_weights, read_meta, save_checkpoint
+    from semiseg.checkpoint import load_weights, save_checkpoint
+    from semiseg.models import read_record
 
-    meta = read_meta(source)
-    meta["benchmark_selection"] = selection
-    save_checkpoint(target, load_weights(source, meta), {k: v for k, v in meta.items() if k not in ("format", "format_version", "versions", "weights_sha256")})
+    record = read_record(source)
+    record.extra["benchmark_selection"] = selection
+    save_checkpoint(target, load_weights(source, record.weights_sha256), record.to_dict())
 
 
 # Results -----------------------------------------------------------------------------------------
@@ -503,4 +480,115 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-ProgressCallback = Callable[[str], None]
+# The protocol's run -------------------------------------------------------------------------------
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+# The papers' training settings (UA-MT/DTC), under the caller's own; any TrainConfig field may be given.
+PROTOCOL_TRAINING: dict[str, Any] = {"method": "mean-teacher", "network": "vnet", "iterations": 6000, "lr": 0.01, "batch_size": 2}
+
+
+def method_label(training: dict[str, Any]) -> str:
+    """'method (network, options...)': the row name of a run in the tables."""
+    options = [f"{k}={v}" for k, v in {**training.get("network_options", {}), **training.get("method_options", {})}.items()]
+    return f"{training['method']} ({training['network']}{', ' + ', '.join(options) if options else ''})"
+
+
+def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict[str, Any] | None = None, *,
+                 labeled: str | int = 8, seeds: Sequence[int] = (0,), conventions: Sequence[str] = CONVENTIONS,
+                 preset: str = "la", fast_eval: bool = False, predictor: str | None = None, select_from: int = 800,
+                 select_every: int = 200, smoke_patch: tuple[int, int, int] | None = None,
+                 smoke_stride: tuple[int, int, int] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Train one run per seed with the protocol's split and patch, evaluate every convention on the
+    test cases, and write OUT/seed-S/ runs, OUT/results.json and OUT/table.md (after each seed).
+
+    `training` holds TrainConfig fields (method, network, options, iterations, lr, device, ...)
+    over PROTOCOL_TRAINING. `progress` receives the trainers' events tagged with their "seed", and
+    {"type": "protocol"} (what will run), {"type": "selection"} (a checkpoint checked on the test
+    cases) and {"type": "outcome"} (a seed's result under one convention). Returns results.json's content.
+    """
+    from semiseg.config import TrainConfig
+    from semiseg.devices import describe, resolve_device
+    from semiseg.methods import method_class
+    from semiseg.metrics import write_csv
+    from semiseg.models import read_record
+    from semiseg.training import train
+
+    report = progress or (lambda event: None)
+    if preset not in PRESETS:
+        raise InputError(f"preset '{preset}': choose from {', '.join(PRESETS)}")
+    unknown = sorted(set(conventions) - set(CONVENTIONS))
+    if unknown or not conventions:
+        raise InputError(f"conventions {', '.join(unknown) or '(none)'}: choose from {', '.join(CONVENTIONS)}")
+    training = {**PROTOCOL_TRAINING, **(training or {})}
+    split = protocol_split(data, labeled)
+    device = resolve_device(training.get("device", "auto"))
+    smoke = bool(smoke_patch or smoke_stride)
+    patch_zyx = tuple(smoke_patch) if smoke_patch else PRESETS[preset].patch_zyx
+    settings = eval_settings(PRESETS[preset], fast_eval, patch_zyx, tuple(smoke_stride) if smoke_stride else None)  # type: ignore[arg-type]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "semiseg-la", "preset": PRESETS[preset].name, "smoke": smoke,
+        "method": training["method"], "network": training["network"], "method_options": dict(training.get("method_options", {})),
+        "network_options": dict(training.get("network_options", {})), "method_label": method_label(training),
+        "labeled": len(split.labeled), "unlabeled": len(split.unlabeled) if method_class(training["method"]).uses_unlabeled else 0,
+        "split": split.to_dict(), "patch_xyz": xyz(patch_zyx[::-1]), "patch_zyx": xyz(patch_zyx), "iterations": training["iterations"],
+        "batch_size": training["batch_size"], "lr": training["lr"], "device": describe(device),
+        "evaluation": {"name": settings.name, "description": settings.description, "patch_zyx": list(settings.patch_zyx),
+                       "overlap_zyx": list(settings.overlap), "blending": settings.mode, "units": "voxels",
+                       "predictor": predictor or "mean of the method's predictors"},
+        "selection": {"from": select_from, "every": select_every, "on": "test.list cases, mean Dice without post-processing"},
+        "runs": [],
+    }
+    report({"type": "protocol", "split": split, "patch_xyz": result["patch_xyz"], "evaluation": settings.description,
+            "device": result["device"], "smoke": smoke})
+    for seed in seeds:
+        run_dir = out / f"seed-{seed}"
+        test = TestSet(split, settings, device, predictor)
+        selection = Selection(test, run_dir / "best-on-test") if "best-lcc" in conventions else None
+        # The trainer is given the training cases themselves: it never sees the test cases.
+        config = TrainConfig.from_dict({
+            **training, "data": split.root, "output": str(run_dir), "seed": seed, "patch_size": patch_zyx,
+            "labeled": [[split.files[i], split.files[i]] for i in split.labeled], "validation": "0",
+            "unlabeled_cases": [split.files[i] for i in sorted(split.unlabeled)], "validate_every": select_every,
+        })
+        timing: dict[str, float] = {}
+
+        def on_event(event: dict, seed: int = seed, selection: Selection | None = selection, timing: dict = timing) -> None:
+            report({**event, "seed": seed})
+            if event["type"] == "iteration":
+                timing["sec_per_iter"] = event["sec_per_iter"]
+            elif event["type"] == "checkpoint" and event["name"] == "last" and selection is not None:
+                iteration = event["iteration"]
+                if select_from <= iteration < config.iterations and iteration % select_every == 0:
+                    selection.consider(Path(event["path"]), iteration)
+                    report({"type": "selection", "seed": seed, **selection.history[-1]})
+
+        started = time.perf_counter()
+        train(config, on_event)
+        trained = time.perf_counter() - started
+        last = run_dir / "last"
+        iteration = read_record(last).iteration
+        predicted = selection.consider(last, iteration) if selection is not None else test.predict(last)
+        outcomes: dict[str, Any] = {}
+        if "last" in conventions:
+            rows = test.rows(*predicted, lcc=False)
+            outcomes["last"] = {"iteration": iteration, "checkpoint": str(last), "post_processing": "none",
+                                "summary": summarize_rows(rows), "cases": rows}
+        if selection is not None:
+            rows = test.rows(*selection.best, lcc=True)
+            outcomes["best-lcc"] = {"iteration": selection.best_iteration, "checkpoint": str(selection.folder),
+                                    "post_processing": "largest connected component", "selection_test_dice": selection.best_dice,
+                                    "history": selection.history, "summary": summarize_rows(rows), "cases": rows}
+        for convention, outcome in outcomes.items():
+            write_csv(outcome["cases"], run_dir / f"metrics_{convention}.csv")
+        result["runs"].append({"seed": seed, "conventions": outcomes, "train_seconds": trained,
+                               "sec_per_iter": timing.get("sec_per_iter"), "eval_seconds": test.seconds})
+        result["runs"].sort(key=lambda r: r["seed"])
+        write_json(out / "results.json", result)
+        (out / "table.md").write_text(markdown_table([result], load_literature()))
+        for convention, outcome in outcomes.items():
+            report({"type": "outcome", "seed": seed, "convention": convention, "fast_eval": settings.name == "fast",
+                    "iteration": outcome["iteration"], "summary": outcome["summary"]})
+    return result

@@ -135,11 +135,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _checked_weights(folder: Path, meta: dict[str, Any]) -> Path:
+def _checked_weights(folder: Path, expected_sha256: str | None) -> Path:
     weights = folder / MODEL_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {MODEL_WEIGHTS} is missing")
-    if sha256(weights) != meta.get("weights_sha256"):
+    if sha256(weights) != expected_sha256:
         raise CheckpointError(f"{weights}: checksum mismatch; the file is corrupt or partial")
     return weights
 
@@ -147,12 +147,12 @@ def _checked_weights(folder: Path, meta: dict[str, Any]) -> Path:
 def verify(path: str | os.PathLike) -> dict[str, Any]:
     """model.json of a checkpoint whose weights match the SHA-256 it records (without loading them)."""
     meta = read_meta(path)
-    _checked_weights(resolve(path), meta)
+    _checked_weights(resolve(path), meta.get("weights_sha256"))
     return meta
 
 
-def load_weights(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights = _checked_weights(resolve(path), meta)
+def load_weights(path: str | os.PathLike, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    weights = _checked_weights(resolve(path), expected_sha256)
     try:
         return load_file(weights)
     except (SafetensorError, OSError, ValueError) as error:

@@ -10,11 +10,11 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from semiseg.errors import CheckpointError, InputError, OutputExistsError, SemisegError, require
+from semiseg.config import add_arguments, check_arguments, from_arguments
+from semiseg.errors import InputError, OutputExistsError, SemisegError
 
 EPILOG = """examples:
   semiseg train --data resources/hippocampus --method mean-teacher --labeled 25% --iterations 300 --out runs/demo
@@ -26,17 +26,6 @@ EPILOG = """examples:
 """
 
 
-def key_value_option(text: str) -> tuple[str, Any]:
-    """argparse type of --option/--network-option: KEY=VALUE, the value parsed as JSON when it is JSON."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"'{text}': expected KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="semiseg",
@@ -46,33 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a method on a dataset folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    train = commands.add_parser("train", help="train a method on a dataset folder",
                                 description="Train on the labeled and unlabeled scans of a folder (MSD/nnU-Net imagesTr+labelsTr, images/+labels/, or LA h5 case folders). Writes OUT/last and OUT/best checkpoints (safetensors + JSON) and OUT/log.jsonl.")
-    train.add_argument("--data", required=True, help="dataset folder")
-    train.add_argument("--out", required=True, help="output folder for checkpoints and the log")
-    train.add_argument("--method", default="mean-teacher", help="training method (see `semiseg methods`)")
-    train.add_argument("--network", default="vnet", help="network: vnet (the papers' VNet) or unet (MONAI BasicUNet)")
-    train.add_argument("--labeled", default="100%", help="labeled subset: a count (8), a percentage of the non-validation labeled cases (10%%), or a file listing case ids; other scans train unlabeled")
-    train.add_argument("--validation", default="0", help="validation cases held out from the labeled ones: count, percentage or list file")
-    train.add_argument("--unlabeled", action="append", default=[], metavar="DIR", help="extra folder of unlabeled scans (repeatable)")
-    train.add_argument("--iterations", type=int, default=1000, help="training iterations")
-    train.add_argument("--batch-size", type=int, default=2, help="labeled patches per iteration (as many unlabeled)")
-    train.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help="patch size in voxels (default: from the data)")
-    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer (poly learning-rate decay)")
-    train.add_argument("--lr", type=float, default=0.05, help="initial learning rate")
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--validate-every", type=int, default=200, help="iterations between validations and last-checkpoint saves")
-    train.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
-    train.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    train.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convolutions on tensor-core GPUs)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first step, faster after; its time is logged)")
-    train.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
-    train.add_argument("--network-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=8")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_arguments(train)
 
     predict = commands.add_parser("predict", help="segment a scan or a folder of scans", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                   description="Predict label maps (NIfTI, on each scan's own grid) with a trained checkpoint.")
@@ -150,19 +115,10 @@ def _out_of_gpu_memory(error: BaseException) -> bool:
 # train ------------------------------------------------------------------------------------------
 
 def _check_train_arguments(args: argparse.Namespace) -> None:
-    checks = [
-        (args.iterations >= 1, f"--iterations {args.iterations}: must be at least 1"),
-        (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1"),
-        (args.validate_every >= 1, f"--validate-every {args.validate_every}: must be at least 1"),
-        (args.log_every >= 1, f"--log-every {args.log_every}: must be at least 1"),
-        (args.workers >= 0, f"--workers {args.workers}: must be 0 (load in the main process) or more"),
-        (args.lr > 0, f"--lr {args.lr}: must be positive"),
-        (args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be 0 or more"),
-        (not args.patch or min(args.patch) >= 1, f"--patch {' '.join(map(str, args.patch or []))}: sizes must be positive"),
-        (not (args.resume and args.overwrite), "--resume and --overwrite contradict each other; give one"),
-    ]
-    require(checks)
-    out = Path(args.out)
+    check_arguments(args)
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite contradict each other; give one")
+    out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (give a folder for the run)")
 
@@ -211,19 +167,10 @@ def _restore_aside(moved: dict[Path, Path], keep_new: bool) -> None:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from semiseg.training import TrainConfig, train
+    from semiseg.training import train
 
     _check_train_arguments(args)
-
-    config = TrainConfig(
-        data=args.data, output=args.out, method=args.method, network=args.network, labeled=args.labeled,
-        validation=args.validation, unlabeled=args.unlabeled, iterations=args.iterations, batch_size=args.batch_size,
-        patch_size=tuple(args.patch) if args.patch else None, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, validate_every=args.validate_every, log_every=args.log_every, seed=args.seed, device=args.device,
-        workers=args.workers, amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile,
-        method_options=dict(args.option),
-        network_options=dict(args.network_option), resume=args.resume, overwrite=args.overwrite,
-    )
+    config = from_arguments(args)
     stop = {"asked": False}
 
     def interrupt(signum, frame):
@@ -259,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
                 bars.pop("train").close()
             tqdm.write(("cancelled" if kind == "cancelled" else "finished") + f" at iteration {event['iteration']}; model: {event['checkpoint']}")
 
-    out = Path(args.out)
+    out = Path(args.output)
     # Under torchrun only rank 0 touches the output folder; the other ranks follow its decisions.
     owns_output = int(os.environ.get("RANK", "0")) == 0
     # --overwrite: keep the old run aside until the new one has written a checkpoint, so that a
@@ -356,7 +303,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: exists and is not a folder (give an output folder)")
     all_targets = _predict_targets(inputs, out, args, model)
     created = not out.exists()
-    tqdm.write(f"device: {describe(device)}; model: {model.meta['model']['method']} ({model.path})")
+    tqdm.write(f"device: {describe(device)}; model: {model.record.method} ({model.path})")
     failures: list[str] = []
     try:
         for path, targets in zip(tqdm(inputs, desc="predicting", unit="scan", disable=len(inputs) == 1), all_targets):
@@ -396,15 +343,12 @@ def _predict(args: argparse.Namespace) -> int:
 # evaluate ---------------------------------------------------------------------------------------
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from semiseg.checkpoint import read_meta
     from semiseg.metrics import markdown_summary, write_csv
+    from semiseg.models import read_record
 
     class_names = None
     if args.checkpoint:
-        meta = read_meta(args.checkpoint)
-        if not isinstance(meta.get("class_names"), dict):
-            raise CheckpointError(f"{args.checkpoint}: the checkpoint description names no classes")
-        class_names = {int(k): v for k, v in meta["class_names"].items() if int(k) != 0}
+        class_names = {k: v for k, v in read_record(args.checkpoint).class_names.items() if k != 0}
     out = Path(args.out)
     csv_path, md_path = out / "metrics.csv", out / "summary.md"
     for path in (csv_path, md_path):
@@ -427,32 +371,16 @@ def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_
     """evaluate_folders, leaving out the uncertainty and probability maps `predict` writes beside
     its label maps (CASE_entropy, CASE_disagreement, CASE_probability_N) when CASE is a prediction
     or a label; a label named like a map still counts as a case."""
-    from semiseg.io import strip_suffix, volume_suffix
-    from semiseg.metrics import evaluate_folders
+    from semiseg.metrics import evaluate_pairs, pair_cases, volume_files
 
-    if not predictions.is_dir() or not labels.is_dir():
-        return evaluate_folders(predictions, labels, class_names, voxel_units=voxel_units)
-    names = {strip_suffix(p): p for p in predictions.iterdir() if p.is_file() and volume_suffix(p)}
-    label_names = {strip_suffix(p) for p in labels.iterdir() if p.is_file() and volume_suffix(p)}
+    predicted, references = volume_files(predictions, "prediction"), volume_files(labels, "label")
     maps = {
-        name for name in names
-        if (match := _MAP_NAME.match(name)) and (match["case"] in names or match["case"] in label_names)
-        and name not in label_names
+        name for name in predicted
+        if (match := _MAP_NAME.match(name)) and (match["case"] in predicted or match["case"] in references)
+        and name not in references
     }
-    if not maps:
-        return evaluate_folders(predictions, labels, class_names, voxel_units=voxel_units)
-    with tempfile.TemporaryDirectory(prefix="semiseg-evaluate-") as temporary:
-        view = Path(temporary)
-        for name, path in names.items():
-            if name not in maps:
-                try:
-                    os.symlink(path.resolve(), view / path.name)
-                except OSError:
-                    shutil.copy2(path, view / path.name)
-        try:
-            return evaluate_folders(view, labels, class_names, voxel_units=voxel_units)
-        except SemisegError as error:
-            raise type(error)(str(error).replace(str(view), str(predictions))) from None
+    kept = {name: path for name, path in predicted.items() if name not in maps}
+    return evaluate_pairs(pair_cases(kept, references, predictions, labels), class_names, voxel_units)
 
 
 # benchmark --------------------------------------------------------------------------------------
@@ -475,20 +403,19 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from semiseg.checkpoint import read_meta
+    from semiseg.models import read_record
 
-    meta = read_meta(args.checkpoint)
-    model, plan, split = meta["model"], meta["plan"], meta["split"]
-    best = meta.get("validation", {}).get("best_dice_mean")
+    record = read_record(args.checkpoint)
+    plan, split, best = record.plan, record.split, record.best_dice_mean
     lines = [
         f"checkpoint: {args.checkpoint}",
-        f"method: {model['method']}  options: {json.dumps(model['options'])}",
-        f"network: {model['network']['name']}  options: {json.dumps(model['network']['options'])}",
-        f"classes: {', '.join(f'{k}={v}' for k, v in meta['class_names'].items())}",
-        f"patch: {tuple(plan['patch_size'])}  target spacing: {plan['target_spacing'] or 'as each scan'}  normalisation: {plan['normalization']}",
-        f"data: {meta.get('data')}  labeled {len(split['labeled'])}, unlabeled {len(split['unlabeled'])}, validation {len(split['validation'])}, seed {split['seed']}",
-        f"iteration: {meta['iteration']} of {meta['iterations']}  best validation Dice: {best if best is not None else 'n/a'}",
-        f"written by: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"method: {record.method}  options: {json.dumps(record.method_options)}",
+        f"network: {record.network}  options: {json.dumps(record.network_options)}",
+        f"classes: {', '.join(f'{k}={v}' for k, v in record.class_names.items())}",
+        f"patch: {tuple(plan.patch_size)}  target spacing: {plan.target_spacing or 'as each scan'}  normalisation: {plan.normalization}",
+        f"data: {record.data}  " + (f"labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, validation {len(split.validation)}, seed {split.seed}" if split else "no split recorded"),
+        f"iteration: {record.iteration} of {record.iterations}  best validation Dice: {best if best is not None else 'n/a'}",
+        f"written by: {', '.join(f'{k} {v}' for k, v in record.versions.items())}",
     ]
     print("\n".join(lines))
     return 0

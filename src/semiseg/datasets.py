@@ -21,6 +21,7 @@ from semiseg.errors import InputError
 from semiseg.io import is_dicom_folder, strip_suffix, volume_suffix
 
 LA_FILE = "mri_norm2.h5"
+LA_CLASS_NAMES = {0: "background", 1: "left atrium"}
 _CHANNEL = re.compile(r"_(\d{4})$")
 
 
@@ -156,7 +157,7 @@ def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Datas
     if orphans:
         raise InputError(f"{labels}: labels without an image: {', '.join(orphans[:5])}")
     cases = [Case(cid, str(path), str(label_files[cid]) if cid in label_files else None) for cid, path in sorted(image_files.items())]
-    return Dataset(str(root), layout, cases, _class_names(root, cases), _modality(root))
+    return Dataset(str(root), layout, cases, class_names_in(root), _modality(root))
 
 
 def _msd(root: Path) -> Dataset:
@@ -178,7 +179,7 @@ def _la(root: Path) -> Dataset:
         listed += [line.strip() for line in text.splitlines() if line.strip()]
     missing = sorted(set(listed) - set(files))
     cases = [Case(cid, str(path), str(path)) for cid, path in sorted(files.items())]
-    return Dataset(str(root), "LA h5", cases, {0: "background", 1: "left atrium"}, "MR", missing)
+    return Dataset(str(root), "LA h5", cases, dict(LA_CLASS_NAMES), "MR", missing)
 
 
 def _dataset_json(root: Path) -> dict:
@@ -194,14 +195,51 @@ def _dataset_json(root: Path) -> dict:
     return data
 
 
-def _class_names(root: Path, cases: list[Case]) -> dict[int, str]:
-    labels = _dataset_json(root).get("labels")
+def class_names_in(root: str | os.PathLike) -> dict[int, str]:
+    """Class names from the dataset.json of a dataset folder; {} when it names none (they are then
+    filled from the label values when the cases are preprocessed)."""
+    labels = _dataset_json(Path(root)).get("labels")
     if isinstance(labels, dict) and labels:
         # nnU-Net v1 writes {"0": "background"}; v2 writes {"background": 0}.
         if all(str(k).strip().isdigit() for k in labels):
             return {int(k): str(v) for k, v in labels.items()}
         return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
-    return {}  # filled from the label values when the cases are preprocessed
+    return {}
+
+
+def class_names_near(label_path: str | os.PathLike) -> dict[int, str] | None:
+    """Class names for a label file: those of the dataset holding it (dataset.json beside the file
+    or one folder up, as in labelsTr/), else None."""
+    path = Path(label_path)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "dataset.json").is_file():
+            try:
+                return class_names_in(folder) or None
+            except InputError:
+                return None
+    return None
+
+
+def image_for_label(label_path: str | os.PathLike) -> Path | None:
+    """The scan of a label in an MSD/nnU-Net or images/labels tree (labelsTr/x.nii.gz ->
+    imagesTr/x.nii.gz or imagesTr/x_0000.nii.gz), if it is there."""
+    path = Path(label_path)
+    folder = path.parent
+    if not folder.name.lower().startswith("label"):
+        return None
+    stem, suffix = strip_suffix(path), volume_suffix(path) or ""
+    images = folder.parent / ("images" + folder.name[len("labels"):])
+    for candidate in (images / f"{stem}{suffix}", images / f"{stem}_0000{suffix}"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def case_id_of(path: str | os.PathLike) -> str:
+    """The case id a scan's path gives: its name without suffix or channel (case_0000.nii.gz ->
+    case), or, for an LA h5 file, the name of its case folder."""
+    path = Path(path)
+    return path.parent.name if path.name == LA_FILE else _case_id(path)[0]
 
 
 def _modality(root: Path) -> str:
@@ -297,3 +335,69 @@ def choose_split(dataset: Dataset, labeled: str | int = "100%", validation: str 
     taken = set(labeled_ids) | set(validation_ids)
     unlabeled_ids = sorted(c.case_id for c in dataset.cases if c.case_id not in taken)
     return Split(labeled_ids, unlabeled_ids, validation_ids, seed)
+
+
+def select_split(dataset: Dataset, labeled: str | int | list = "100%", validation: str | int | list = 0,
+                 unlabeled: list | None = None, seed: int = 0) -> Split:
+    """The split of a training run: drawn by `choose_split` from counts, percentages or list files,
+    or given case by case. Given cases are lists whose entries are case ids of the dataset, image
+    paths (unlabeled) or [image, label] path pairs (labeled); the paths not in the dataset are
+    added to it. `unlabeled=None`: every scan neither labeled nor validation trains unlabeled."""
+    explicit = isinstance(labeled, list) or isinstance(validation, list) or unlabeled is not None
+    if not explicit:
+        return choose_split(dataset, labeled, validation, seed)
+    if not isinstance(labeled, list):
+        raise InputError("with the validation or unlabeled cases given one by one, give the labeled cases as a list too")
+    labeled_ids = [_register(dataset, entry) for entry in labeled]
+    if not labeled_ids:
+        raise InputError("the list of labeled cases is empty; give at least one labeled case")
+    if isinstance(validation, list):
+        validation_ids = [_register(dataset, entry) for entry in validation]
+    elif str(validation).strip() in ("0", "0%"):
+        validation_ids = []
+    else:
+        raise InputError(f"validation '{validation}': with the labeled cases given one by one, give the validation cases as a list")
+    by_id = {c.case_id: c for c in dataset.cases}
+    unlabeled_of_labeled = [i for i in labeled_ids + validation_ids if not by_id[i].has_label]
+    if unlabeled_of_labeled:
+        raise InputError(f"cases given as labeled or validation have no label: {', '.join(unlabeled_of_labeled[:5])}")
+    overlap = set(labeled_ids) & set(validation_ids)
+    if overlap:
+        raise InputError(f"cases both labeled and validation: {', '.join(sorted(overlap)[:5])}")
+    taken = set(labeled_ids) | set(validation_ids)
+    if unlabeled is None:
+        unlabeled_ids = sorted(c.case_id for c in dataset.cases if c.case_id not in taken)
+    else:
+        unlabeled_ids = [_register(dataset, entry) for entry in unlabeled]
+    return Split(labeled_ids, unlabeled_ids, validation_ids, seed)
+
+
+def _register(dataset: Dataset, entry: str | list[str] | tuple[str, str]) -> str:
+    """The case id of a case given by id, image path or [image, label] pair; adds path cases to
+    the dataset (a path the dataset already holds under that id is the same case)."""
+    by_id = {c.case_id: c for c in dataset.cases}
+    if isinstance(entry, str) and entry in by_id:
+        return entry
+    if isinstance(entry, str):
+        image, label = entry, None
+    elif len(entry) == 2:
+        image, label = (str(part) for part in entry)
+    else:
+        raise InputError(f"case {entry!r}: give a case id, an image path or an [image, label] pair")
+    if not Path(image).exists():
+        raise InputError(f"{image}: no such case id in {dataset.root} and no such file")
+    case = Case(case_id_of(label or image), image, label)
+    known = by_id.get(case.case_id)
+    if known is None:
+        dataset.cases.append(case)
+    elif not (same_file(known.image, image) and (label is None or (known.label is not None and same_file(known.label, label)))):
+        raise InputError(f"{image}: its case id '{case.case_id}' is another scan's in {dataset.root}; rename one")
+    return case.case_id
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (links and relative paths resolved)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False

@@ -271,8 +271,15 @@ def evaluate_folders(
     case then class id. Raises InputError for unpaired files, unreadable volumes or grids that
     differ.
     """
-    predictions = _volume_files(Path(prediction_dir), "prediction")
-    labels = _volume_files(Path(label_dir), "label")
+    predictions = volume_files(prediction_dir, "prediction")
+    labels = volume_files(label_dir, "label")
+    return evaluate_pairs(pair_cases(predictions, labels, prediction_dir, label_dir), class_names, voxel_units)
+
+
+def pair_cases(predictions: Mapping[str, Path], labels: Mapping[str, Path], prediction_dir: str | os.PathLike,
+               label_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """(case, prediction, label) for the files of `volume_files` that share a case name, sorted by
+    case; raises InputError naming the folders for any file without its partner."""
     no_label = sorted(set(predictions) - set(labels))
     no_prediction = sorted(set(labels) - set(predictions))
     if no_label or no_prediction:
@@ -284,32 +291,44 @@ def evaluate_folders(
                 f"{len(no_prediction)} label(s) without a prediction in {prediction_dir}: {_listed(no_prediction)}"
             )
         raise InputError("; ".join(problems))
+    return [(case, predictions[case], labels[case]) for case in sorted(labels)]
 
+
+def evaluate_pairs(
+    pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]],
+    class_names: dict[int, str] | None,
+    voxel_units: bool = False,
+) -> list[dict]:
+    """Per-case, per-class metrics of (case, prediction file, label file) triples; the rest as
+    `evaluate_folders`."""
+    pairs = [(case, Path(prediction), Path(label)) for case, prediction, label in pairs]
     if class_names is None:
         found: set[int] = set()
-        for case in sorted(labels):
-            values = np.unique(_read_label(labels[case]).array)
-            found.update(_class_ids(values, labels[case]))
+        for _, _, label_path in pairs:
+            values = np.unique(_read_label(label_path).array)
+            found.update(_class_ids(values, label_path))
         class_names = {class_id: str(class_id) for class_id in sorted(found - {0})}
     class_ids = sorted(int(c) for c in class_names)
 
     rows: list[dict] = []
-    for case in sorted(labels):
-        label = _read_label(labels[case])
-        prediction = _read_label(predictions[case])
+    for case, prediction_path, label_path in pairs:
+        label = _read_label(label_path)
+        prediction = _read_label(prediction_path)
         try:
-            check_same_grid(label, prediction, predictions[case].name)
+            check_same_grid(label, prediction, prediction_path.name)
         except InputError as error:
             # check_same_grid speaks of a label against its image; here it is a prediction against its label.
             message = str(error).replace(": label ", ": prediction ", 1).replace(" its image's", " its label's")
-            raise InputError(f"{message} ({labels[case]})") from None
+            raise InputError(f"{message} ({label_path})") from None
         spacing = None if voxel_units else label.geometry.spacing_zyx
         for class_id, values in case_metrics(prediction.array, label.array, class_ids, spacing).items():
             rows.append({"case": case, "class": class_names[class_id], **values})
     return rows
 
 
-def _volume_files(folder: Path, role: str) -> dict[str, Path]:
+def volume_files(folder: str | os.PathLike, role: str) -> dict[str, Path]:
+    """The volume files of a folder by case name (file name without its volume suffix)."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: the {role} folder does not exist")
     files: dict[str, Path] = {}

@@ -59,18 +59,19 @@ class CombinedProbabilities(nn.Module):
 def export_spec(model: Model) -> dict[str, Any]:
     """Everything besides the weights that reproduces `semiseg predict`: the plan, the window and
     how the exported module's output is combined."""
-    config = model.meta["model"]
+    record = model.record
     patch = list(model.plan.patch_size)
     return {
         "format": PLAN_FORMAT,
         "format_version": 1,
         "plan": model.plan.to_dict(),
         "sliding_window": {"roi_size": patch, "overlap": model.overlap, "mode": SLIDING_WINDOW_MODE},
-        "input": {"name": INPUT_NAME, "shape": ["batch", int(config["in_channels"]), *patch], "dtype": "float32"},
+        "input": {"name": INPUT_NAME, "shape": ["batch", record.in_channels, *patch], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", model.plan.num_classes, *patch], "dtype": "float32"},
         "predictors": list(model.method.predictors()),
         "combination": "mean of the predictors' softmax class probabilities",
-        "method": {"name": config["method"], "options": config["options"], "network": config["network"]},
+        "method": {"name": record.method, "options": record.method_options,
+                   "network": {"name": record.network, "options": record.network_options}},
     }
 
 
@@ -110,7 +111,7 @@ def export_onnx(model: Model, path: str | os.PathLike, overwrite: bool = False) 
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
         except torch.onnx.errors.UnsupportedOperatorError as error:
-            raise InputError(f"{model.meta['model']['method']} cannot be exported to ONNX ({error}); export it as torchscript") from None
+            raise InputError(f"{model.record.method} cannot be exported to ONNX ({error}); export it as torchscript") from None
     _write_plan(plan_path, spec)
     return model_path, plan_path
 
@@ -221,6 +222,6 @@ def _unfused_attention() -> Iterator[None]:
 
 def _example_input(model: Model) -> torch.Tensor:
     """A batch of two patches: tracing with a batch of one could fix the batch size to one."""
-    channels = int(model.meta["model"]["in_channels"])
+    channels = model.record.in_channels
     device = next(model.method.parameters()).device
     return torch.zeros((2, channels, *model.plan.patch_size), device=device)

@@ -13,7 +13,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,54 +20,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from semiseg.checkpoint import load_training_state, load_weights, read_meta, save_checkpoint
-from semiseg.datasets import Case, Split, choose_split, load_dataset
+from semiseg.checkpoint import load_training_state, load_weights, save_checkpoint
+from semiseg.config import TrainConfig
+from semiseg.datasets import load_dataset, select_split
 from semiseg import distributed
 from semiseg.devices import describe
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.inference import predict_probabilities
-from semiseg.io import strip_suffix
 from semiseg.metrics import dice
 from semiseg.methods import build_method, method_class
 from semiseg.methods.base import Method, NetworkSpec, StepInfo
-from semiseg.models import load_method_weights, load_model, method_weights
+from semiseg.models import ModelRecord, load_method_weights, load_model, method_weights, read_record
 from semiseg.networks import build_network, size_multiple
-from semiseg.preprocessing import Plan, cached_case, compute_plan
+from semiseg.preprocessing import cached_case, compute_plan
 from semiseg.sampling import IterationBatches, PatchDataset, Volumes
 
 EventCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    output: str
-    method: str = "mean-teacher"
-    network: str = "vnet"
-    network_options: dict[str, Any] = field(default_factory=dict)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    labeled: str = "10%"
-    validation: str = "0"
-    unlabeled: list[str] = field(default_factory=list)
-    iterations: int = 1000
-    batch_size: int = 2  # labeled patches per step; as many unlabeled
-    patch_size: tuple[int, int, int] | None = None
-    optimizer: str = "sgd"
-    lr: float = 0.05  # the papers use 0.01 over 6000 iterations; 0.05 converges in CPU-sized budgets (300 it: Dice 0.81 vs 0.00 on hippocampus)
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    validate_every: int = 200
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with a gradient scaler
-    channels_last: bool = False  # channels_last_3d networks and images: faster 3D convolutions on tensor-core GPUs
-    compile: bool = False  # torch.compile every network; the first step's time (with compilation) is logged as a "compile" event
-    workers: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    initial_checkpoint: str | None = None  # start from these weights and this plan (fine-tuning)
-    extra_labeled: list[tuple[str, str]] = field(default_factory=list)  # (image, label) pairs added as labeled
 
 
 def _drop_partial_last_line(log: Path) -> None:
@@ -125,26 +92,16 @@ class Trainer:
         if config.iterations < 1 or config.batch_size < 1:
             raise InputError("iterations and batch size must be at least 1")
         self.emit({"type": "start", "device": describe(self.device), "processes": self.distribution.world_size,
-                   "config": _jsonable(asdict(config))})
+                   "config": config.to_dict()})
         self.dataset = load_dataset(config.data, config.unlabeled)
+        self.split = select_split(self.dataset, config.labeled, config.validation, config.unlabeled_cases, config.seed)
         start_from = self.output / "last" if config.resume else config.initial_checkpoint
-        start_meta = read_meta(start_from) if start_from else None
-        if start_meta is not None and config.resume:
-            self.split = Split(**start_meta["split"])
-        elif config.extra_labeled and not self.dataset.labeled:
-            # Fine-tuning on corrections over a folder of unlabeled scans.
-            self.split = Split([], sorted(c.case_id for c in self.dataset.cases), [], config.seed)
-        else:
-            self.split = choose_split(self.dataset, config.labeled, config.validation, config.seed)
-        # Corrections made in the plugin: labeled on top of whatever the split chose.
-        for image, label in config.extra_labeled:
-            case = Case(f"correction-{strip_suffix(image)}", image, label)
-            self.dataset.cases.append(case)
-            if not config.resume:
-                self.split.labeled.append(case.case_id)
+        start = read_record(start_from) if start_from else None
+        if start is not None and config.resume:
+            self.split = start.split
         method_cls = method_class(config.method)
-        if start_meta is not None:
-            self.plan = Plan.from_dict(start_meta["plan"])
+        if start is not None:
+            self.plan = start.plan
         else:
             probe = build_network(config.network, 1, 2, **config.network_options)
             self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size)
@@ -177,7 +134,7 @@ class Trainer:
     def _initialise_from(self, path: str) -> None:
         model = load_model(path, "cpu")
         weights = method_weights(model.method)
-        if model.meta["model"]["method"] == self.config.method:
+        if model.record.method == self.config.method:
             load_method_weights(self.method, weights, path)
             return
         # Another method's checkpoint: every network of ours starts from its first predicting network.
@@ -359,19 +316,14 @@ class Trainer:
             self._save("best", with_training_state=False)
 
     # Checkpoints ------------------------------------------------------------------------------
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "model": {**self.method.config(), "in_channels": 1, "num_classes": self.plan.num_classes},
-            "class_names": {str(k): v for k, v in self.plan.class_names.items()},
-            "plan": self.plan.to_dict(),
-            "split": self.split.to_dict(),
-            "data": str(self.config.data),
-            "seed": self.config.seed,
-            "iteration": self.iteration,
-            "iterations": self.config.iterations,
-            "train_config": _jsonable(asdict(self.config)),
-            "validation": {"best_dice_mean": self.best if self.best >= 0 else None, "history": self.history},
-        }
+    def _record(self) -> ModelRecord:
+        return ModelRecord(
+            method=self.method.name, method_options=dict(self.method.options), network=self.method.network_spec.name,
+            network_options=dict(self.method.network_spec.options), in_channels=1, num_classes=self.plan.num_classes, plan=self.plan,
+            split=self.split, data=str(self.config.data), seed=self.config.seed, iteration=self.iteration,
+            iterations=self.config.iterations, train_config=self.config.to_dict(),
+            best_dice_mean=self.best if self.best >= 0 else None, validation_history=self.history,
+        )
 
     def _save(self, name: str, with_training_state: bool) -> None:
         if not self.distribution.is_main:
@@ -387,12 +339,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
             }
-        path = save_checkpoint(self.output / name, method_weights(self.method), self._meta(), state)
+        path = save_checkpoint(self.output / name, method_weights(self.method), self._record().to_dict(), state)
         self.emit({"type": "checkpoint", "name": name, "path": str(path), "iteration": self.iteration})
 
     def _restore(self, folder: Path) -> None:
-        meta = read_meta(folder)
-        load_method_weights(self.method, load_weights(folder, meta), str(folder))
+        record = read_record(folder)
+        load_method_weights(self.method, load_weights(folder, record.weights_sha256), str(folder))
         state = load_training_state(folder)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -409,10 +361,6 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def seed_everything(seed: int) -> None:

@@ -488,11 +488,11 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     assert messages["error"] == [], messages
 
     new = widget.new_checkpoint
-    assert new and Path(new).parent.parent == output and load_model(new).meta["iteration"] == 3
+    assert new and Path(new).parent.parent == output and load_model(new).record.iteration == 3
     log = [json.loads(line) for line in (Path(new).parent / "log.jsonl").read_text().splitlines()]
     assert saved[0].stat().st_mtime <= log[0]["time"]
     assert log[0]["config"]["initial_checkpoint"] == str(checkpoint)
-    assert log[0]["config"]["extra_labeled"] == [[str(case_paths[0]), str(saved[0])]]
+    assert log[0]["config"]["labeled"][-1] == [str(case_paths[0]), str(saved[0])]
     dataset = next(e for e in log if e["type"] == "dataset")
     assert (dataset["labeled"], dataset["unlabeled"]) == (1, 3)
     assert widget.session.checkpoint == new  # selected for Segment
@@ -639,7 +639,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     assert widget.session.checkpoint == best
     assert [p for p in widget.view.sparkline.points] and len(widget.view.sparkline.points) == 2  # validated at 2 and 4
     assert "iteration 4/4" in widget.buttons.status.text() or "finished" in widget.buttons.status.text()
-    assert load_model(best).meta["iteration"] == 4
+    assert load_model(best).record.iteration == 4
     # The greyed patch boxes show the patch the run chose.
     log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
     assert [spin.value() for spin in widget.patch] == next(e for e in log if e["type"] == "dataset")["patch_size"]
@@ -664,11 +664,11 @@ def test_train_cancel_stops_cleanly_with_a_loadable_checkpoint(make_napari_viewe
     assert widget.process.process.returncode == 0 and messages["error"] == []
     last = tmp_path / "train-run" / "last"
     model = load_model(last)
-    assert 1 <= model.meta["iteration"] < 5000
+    assert 1 <= model.record.iteration < 5000
     log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["type"] == "cancelled"
     assert widget.session.checkpoint == str(tmp_path / "train-run" / "best")
-    print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.meta['iteration']}")
+    print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.record.iteration}")
 
 
 def test_doomed_jobs_are_refused_before_anything_is_written(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):

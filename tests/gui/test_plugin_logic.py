@@ -4,6 +4,7 @@ and the training process's clean stop when its parent goes away."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from semiseg.datasets import load_dataset, select_split
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.io import Geometry, Volume, read_volume
 from semiseg.models import load_model
@@ -94,19 +96,29 @@ def test_cancel_stops_inside_the_sliding_window(checkpoint):
 
 def test_finetune_configs_choose_labeled_and_unlabeled_scans(checkpoint, tmp_path, unlabeled_folder):
     image = str(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz")
-    base = dict(checkpoint=str(checkpoint), image_path=image, label_path=str(tmp_path / "c.nii.gz"), iterations=7)
+    correction = tmp_path / "c.nii.gz"
+    shutil.copy(SAMPLE / "labelsTr" / "hippocampus_001.nii.gz", correction)
+    base = dict(checkpoint=str(checkpoint), image_path=image, label_path=str(correction), iterations=7)
+
+    def split_of(config):
+        return select_split(load_dataset(config.data), config.labeled, config.validation, config.unlabeled_cases)
+
     # A folder of scans without labels: all unlabeled; the correction is the labeled case.
     config = finetune_config(FineTuneRequest(folder=str(unlabeled_folder), output=str(tmp_path / "a"), **base))
     assert config.data == str(unlabeled_folder) and config.unlabeled == [] and config.initial_checkpoint == str(checkpoint)
-    assert config.extra_labeled == [(image, str(tmp_path / "c.nii.gz"))] and config.iterations == 7
+    assert config.labeled == [[image, str(correction)]] and config.iterations == 7
     assert (config.network, config.network_options, config.method) == ("vnet", {"base_filters": 4}, "mean-teacher")
+    split = split_of(config)
+    assert split.labeled == ["c"] and split.unlabeled == sorted(c.case_id for c in load_dataset(unlabeled_folder).cases)
     # A dataset with labels, used: its labeled cases except the corrected scan.
     config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "b"), **base))
-    listed = Path(config.labeled).read_text().split()
-    assert len(listed) == 11 and "hippocampus_001" not in listed and config.data == str(SAMPLE)
+    split = split_of(config)
+    assert len(split.labeled) == 12 and split.labeled[-1] == "c" and "hippocampus_001" not in split.labeled
+    assert "hippocampus_001" in split.unlabeled and len(split.unlabeled) == 9 and config.data == str(SAMPLE)
     # ...not used: every scan of the dataset unlabeled.
     config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "c"), use_folder_labels=False, **base))
-    assert sorted(Path(p).name for p in config.unlabeled) == ["imagesTr", "imagesTs"] and not any(Path(config.data).iterdir())
+    split = split_of(config)
+    assert split.labeled == ["c"] and len(split.unlabeled) == 20
 
 
 def test_export_refuses_to_overwrite_unless_asked(tmp_path):
@@ -142,5 +154,5 @@ def test_training_process_stops_cleanly_when_its_parent_goes_away(tmp_path):
     events += process.poll()
     kinds = [e["type"] for e in events]
     assert "cancelled" in kinds and kinds[-1] == "exit"
-    assert 1 <= load_model(tmp_path / "run" / "last").meta["iteration"] < 5000
+    assert 1 <= load_model(tmp_path / "run" / "last").record.iteration < 5000
     process.close()

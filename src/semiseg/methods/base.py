@@ -114,9 +114,6 @@ class Method(nn.Module):
         disagreement is reported as uncertainty."""
         raise NotImplementedError
 
-    def config(self) -> dict[str, Any]:
-        return {"method": self.name, "options": dict(self.options), "network": {"name": self.network_spec.name, "options": dict(self.network_spec.options)}}
-
 
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """teacher = alpha * teacher + (1 - alpha) * student, for parameters and float buffers (BN stats)."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from semiseg.datasets import LA_CLASS_NAMES, class_names_near, image_for_label
 from semiseg.errors import SemisegError
 from semiseg.io import is_dicom_folder, read_volume, strip_suffix, volume_suffix
-from semiseg.napari.layers import class_names_near, jsonable_names, looks_like_labels, volume_layer_data
+from semiseg.napari.layers import jsonable_names, looks_like_labels, volume_layer_data
 
 
 def might_be_dicom_folder(folder: Path) -> bool:
@@ -81,25 +82,14 @@ def read_layers(path: str | Path) -> list[tuple]:
         if has_label:
             label = read_volume(path, "label")
             layers.append(volume_layer_data(label, f"{layers[0][1]['name']} label", "labels", str(path), image_path=str(path),
-                                            class_names={"0": "background", "1": "left atrium"}))
+                                            class_names=jsonable_names(LA_CLASS_NAMES)))
         return layers
     volume = read_volume(path)
     if looks_like_labels(path, volume.array):
         names = class_names_near(path)
-        image_path = _matching_image(path)
+        image = image_for_label(path)
+        image_path = str(image) if image is not None else None
         return [volume_layer_data(volume, f"{name} labels", "labels", str(path), class_names=jsonable_names(names),
                                   image_path=image_path)]
     return [volume_layer_data(volume, name, "image", str(path))]
 
-
-def _matching_image(label_path: Path) -> str | None:
-    """The scan of an MSD-style label (labelsTr/x.nii.gz -> imagesTr/x.nii.gz or x_0000.nii.gz)."""
-    folder = label_path.parent
-    if not folder.name.lower().startswith("label"):
-        return None
-    stem, suffix = strip_suffix(label_path), volume_suffix(label_path) or ""
-    images = folder.parent / ("images" + folder.name[len("labels"):])
-    for candidate in (images / f"{stem}{suffix}", images / f"{stem}_0000{suffix}"):
-        if candidate.is_file():
-            return str(candidate)
-    return None

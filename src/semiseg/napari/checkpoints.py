@@ -14,10 +14,13 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from semiseg.checkpoint import MODEL_JSON, MODEL_WEIGHTS, read_meta, resolve, verify
+from semiseg.checkpoint import MODEL_JSON, MODEL_WEIGHTS, resolve, verify
 from semiseg.errors import CheckpointError, SemisegError
+
+if TYPE_CHECKING:
+    from semiseg.models import ModelRecord
 
 MAX_RECENT = 12
 
@@ -104,24 +107,23 @@ def _save_recent(entries: list[str]) -> None:
         pass  # an unwritable config folder only loses the list across sessions
 
 
-def describe_meta(meta: dict[str, Any]) -> str:
-    model = meta.get("model", {})
-    names = meta.get("class_names") or {}
-    classes = ", ".join(v for k, v in sorted(names.items(), key=lambda kv: int(kv[0])) if str(k) != "0")
-    best = (meta.get("validation") or {}).get("best_dice_mean")
+def describe_record(record: ModelRecord) -> str:
+    classes = ", ".join(v for k, v in sorted(record.class_names.items()) if k != 0)
     parts = [
-        f"{model.get('method', '?')} / {model.get('network', {}).get('name', '?')}",
+        f"{record.method} / {record.network}",
         f"classes: {classes or '?'}",
-        f"iteration {meta.get('iteration', '?')} of {meta.get('iterations', '?')}",
+        f"iteration {record.iteration} of {record.iterations}",
     ]
-    if best is not None:
-        parts.append(f"validation Dice {best:.3f}")
+    if record.best_dice_mean is not None:
+        parts.append(f"validation Dice {record.best_dice_mean:.3f}")
     return "; ".join(parts)
 
 
 def describe_checkpoint(path: str | os.PathLike) -> str:
     try:
-        return describe_meta(read_meta(path))
+        from semiseg.models import read_record
+
+        return describe_record(read_record(path))
     except SemisegError as error:
         return str(error)
 

@@ -1,9 +1,9 @@
 """Fine-tuning on a correction (no Qt here): save the corrected mask first, then describe the short
 training that continues from the current checkpoint with it as a labeled case plus a folder's scans.
 
-The engine (`semiseg.training.TrainConfig`) takes the correction as `extra_labeled=[(image,
-label)]` and the starting weights and preprocessing plan from `initial_checkpoint`. Which of the
-folder's scans train how:
+The engine (`semiseg.config.TrainConfig`) takes the correction as a labeled case given by its
+[image, label] paths and the starting weights and preprocessing plan from `initial_checkpoint`.
+Which of the folder's scans train how:
 - a folder of scans without labels: all of them train unlabeled;
 - a dataset with labels and "use its labels" on: its labeled cases train labeled too (guarding
   against forgetting), except a case whose scan is the corrected one; the rest unlabeled;
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from semiseg.checkpoint import read_meta
-from semiseg.datasets import load_dataset
+from semiseg.config import TrainConfig
+from semiseg.datasets import load_dataset, same_file
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.io import Volume, is_dicom_folder, volume_suffix, write_volume
-from semiseg.training import TrainConfig
+from semiseg.models import read_record
 
 CORRECTIONS = "corrections"
 
@@ -92,40 +92,17 @@ class FineTuneRequest:
     seed: int = 0
 
 
-def _same(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
-
-
 def finetune_config(request: FineTuneRequest) -> TrainConfig:
-    meta = read_meta(request.checkpoint)
-    model = meta["model"]
-    method = request.method or model["method"]
+    record = read_record(request.checkpoint)
+    method = request.method or record.method
     dataset = load_dataset(request.folder)
-    run = Path(request.output)
-    run.mkdir(parents=True, exist_ok=True)
-    data, labeled, unlabeled = request.folder, "100%", []
-    keep = [c.case_id for c in dataset.labeled if not _same(c.image, request.image_path)] if request.use_folder_labels else []
-    if keep:
-        list_file = run / "labeled-cases.txt"
-        list_file.write_text("\n".join(keep) + "\n")
-        labeled = str(list_file)
-    elif dataset.labeled:
-        # Every scan of the dataset trains unlabeled: an empty root, its scan folders as unlabeled.
-        data = str(run / "no-labeled-scans")
-        Path(data).mkdir(exist_ok=True)
-        if dataset.layout == "LA h5":
-            unlabeled = [dataset.root]
-        else:
-            unlabeled = sorted({str(Path(c.image).parent) for c in dataset.cases})
+    keep = [c.case_id for c in dataset.labeled if not same_file(c.image, request.image_path)] if request.use_folder_labels else []
     return TrainConfig(
-        data=data, output=str(run), method=method, network=model["network"]["name"],
-        network_options=dict(model["network"]["options"]),
-        method_options=dict(model["options"]) if method == model["method"] else {},
-        labeled=labeled, validation="0", unlabeled=unlabeled, iterations=request.iterations,
+        data=request.folder, output=str(request.output), method=method, network=record.network,
+        network_options=dict(record.network_options),
+        method_options=dict(record.method_options) if method == record.method else {},
+        # The correction and the kept labeled cases train labeled; every other scan of the folder unlabeled.
+        labeled=[*keep, [str(request.image_path), str(request.label_path)]], validation="0", iterations=request.iterations,
         batch_size=request.batch_size, lr=request.lr, validate_every=request.iterations + 1,
-        log_every=1, seed=request.seed, device=request.device, workers=0,
-        initial_checkpoint=str(request.checkpoint), extra_labeled=[(str(request.image_path), str(request.label_path))],
+        log_every=1, seed=request.seed, device=request.device, workers=0, initial_checkpoint=str(request.checkpoint),
     )

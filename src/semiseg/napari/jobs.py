@@ -116,7 +116,7 @@ def segment(
         prediction = predict_volume(volume, model.plan, guarded(predictors, should_stop, on_call), device, overlap, tta, SW_BATCH_SIZE)
     timings = {"predict_s": time.perf_counter() - started}
     class_names = dict(model.plan.class_names)
-    result = SegmentResult(prediction, class_names, model.path, model.meta.get("weights_sha256"), model.meta["model"]["method"],
+    result = SegmentResult(prediction, class_names, model.path, model.record.weights_sha256, model.record.method,
                            str(device), 0.0, tta, timings=timings)
     if reference is not None:
         if should_stop():

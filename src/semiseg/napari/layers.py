@@ -19,7 +19,6 @@ Metadata keys set on layers this plugin makes (all JSON-able):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,23 +153,6 @@ def looks_like_labels(path: str | Path, array: np.ndarray) -> bool:
     if strip_suffix(path).lower().endswith(_LABEL_NAME_HINTS):
         return True
     return sample.dtype.kind in "iub" and len(np.unique(sample)) <= MAX_LABEL_VALUES
-
-
-def class_names_near(path: str | Path) -> dict[int, str] | None:
-    """Class names from the dataset.json of an MSD/nnU-Net tree holding this label file."""
-    path = Path(path)
-    for folder in (path.parent, path.parent.parent):
-        candidate = folder / "dataset.json"
-        if candidate.is_file():
-            try:
-                labels = json.loads(candidate.read_text()).get("labels")
-            except (OSError, ValueError, AttributeError):
-                return None
-            if isinstance(labels, dict) and labels:
-                if all(str(k).strip().isdigit() for k in labels):
-                    return {int(k): str(v) for k, v in labels.items()}
-                return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
-    return None
 
 
 def label_features(class_names: Mapping[int, str] | None, values: list[int] | None = None) -> dict[str, list] | None:

@@ -6,20 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semiseg.checkpoint import read_meta
-from semiseg.datasets import Dataset, choose_split, load_dataset
+from semiseg.datasets import Dataset, load_dataset, select_split
 from semiseg.errors import InputError
+from semiseg.models import read_record
 
 if TYPE_CHECKING:
-    from semiseg.training import TrainConfig
+    from semiseg.config import TrainConfig
 
 
 def check_training(config: TrainConfig) -> None:
     """The dataset exists and splits as the trainer will split it; a resumed run has iterations left."""
     dataset = load_dataset(config.data, config.unlabeled)
-    choose_split(dataset, config.labeled, config.validation, config.seed)
+    select_split(dataset, config.labeled, config.validation, config.unlabeled_cases, config.seed)
     if config.resume:
-        done = int(read_meta(Path(config.output) / "last").get("iteration", 0))
+        done = read_record(Path(config.output) / "last").iteration
         if config.iterations <= done:
             raise InputError(f"the run in {config.output} has done {done} iterations already; "
                              f"set Iterations above {done} to continue it")

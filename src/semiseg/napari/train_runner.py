@@ -1,6 +1,6 @@
 """Run one training in its own process for the napari plugin: `python -m semiseg.napari.train_runner CONFIG.json`.
 
-CONFIG.json holds the fields of `semiseg.training.TrainConfig`. Every trainer event is printed to
+CONFIG.json holds `semiseg.config.TrainConfig.to_dict()`. Every trainer event is printed to
 stdout as one JSON line (the trainer also appends it to OUT/log.jsonl); a user error ends with an
 {"type": "error"} line and exit status 2. Stopping is clean -- the trainer finishes its iteration
 and saves OUT/last (and OUT/best if there is none) -- on any of: a line "stop" on stdin, stdin
@@ -23,13 +23,9 @@ def _emit(event: dict) -> None:
 
 
 def load_config(path: str | Path):
-    from semiseg.training import TrainConfig
+    from semiseg.config import TrainConfig
 
-    data = json.loads(Path(path).read_text())
-    if data.get("patch_size") is not None:
-        data["patch_size"] = tuple(int(v) for v in data["patch_size"])
-    data["extra_labeled"] = [tuple(pair) for pair in data.get("extra_labeled") or []]
-    return TrainConfig(**data)
+    return TrainConfig.from_dict(json.loads(Path(path).read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +40,8 @@ def _child_environment() -> dict[str, str]:
 
 def cli_command(config) -> str:
     """The `semiseg train` command line equivalent to a config (for the user's records)."""
-    data = asdict(config) if not isinstance(config, dict) else config
-    parts = ["semiseg", "train", "--data", data["data"], "--out", data["output"], "--method", data["method"],
-             "--network", data["network"], "--labeled", str(data["labeled"]), "--validation", str(data["validation"]),
-             "--iterations", str(data["iterations"]), "--batch-size", str(data["batch_size"]), "--device", data["device"],
-             "--workers", str(data["workers"]), "--validate-every", str(data["validate_every"]), "--lr", str(data["lr"])]
-    if data.get("patch_size"):
-        parts += ["--patch", *map(str, data["patch_size"])]
-    for folder in data.get("unlabeled") or []:
-        parts += ["--unlabeled", folder]
-    for key, value in (data.get("network_options") or {}).items():
-        parts += ["--network-option", f"{key}={json.dumps(value)}"]
-    for key, value in (data.get("method_options") or {}).items():
-        parts += ["--option", f"{key}={json.dumps(value)}"]
-    if data.get("resume"):
-        parts.append("--resume")
-    if data.get("overwrite"):
-        parts.append("--overwrite")
-    text = shlex.join(parts)
-    if data.get("initial_checkpoint") or data.get("extra_labeled"):
+    text = shlex.join(["semiseg", "train", *config.to_argv()])
+    if config.unexpressed():
         text += "  # + starting from a checkpoint and corrections: the plugin only"
     return text
 
@@ -79,7 +61,7 @@ class TrainingProcess:
     def start(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         config_path = self.output / CONFIG_NAME
-        config_path.write_text(json.dumps(asdict(self.config), indent=2, default=str))
+        config_path.write_text(json.dumps(self.config.to_dict(), indent=2))
         self._stderr = open(self.output / STDERR_NAME, "ab")
         kwargs: dict[str, Any] = {}
         if os.name == "posix":

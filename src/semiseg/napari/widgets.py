@@ -7,7 +7,6 @@ call lives in the Qt-free modules of this package.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from semiseg.config import default_of, parse_options
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
@@ -56,7 +56,6 @@ from semiseg.napari.layers import (
     jsonable_names,
     label_features,
     labels_array,
-    names_from_metadata,
     volume_from_layer,
 )
 from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
@@ -467,22 +466,9 @@ class _TrainingView(QWidget):
     def _earlier_validations(self) -> list[tuple[float, float]]:
         """A resumed run's validation history so far, from its last checkpoint."""
         folder = getattr(self.process, "output", None)
-        meta = read_meta_safe(str(folder / "last")) if folder is not None else None
-        history = ((meta or {}).get("validation") or {}).get("history") or []
+        record = read_record_safe(str(folder / "last")) if folder is not None else None
+        history = record.validation_history if record is not None else []
         return [(h["iteration"], h["dice_mean"]) for h in history if "iteration" in h and "dice_mean" in h]
-
-
-def _parse_options(text: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in text.replace(",", " ").split():
-        if "=" not in item:
-            raise InputError(f"network option '{item}': expected KEY=VALUE, e.g. base_filters=8")
-        key, value = item.split("=", 1)
-        try:
-            options[key.strip()] = json.loads(value)
-        except ValueError:
-            options[key.strip()] = value
-    return options
 
 
 # 2. Train ---------------------------------------------------------------------------------------------
@@ -517,8 +503,8 @@ class TrainWidget(QWidget):
         self.network.setCurrentText("vnet")
         self.network_options = QLineEdit()
         self.network_options.setPlaceholderText("e.g. base_filters=8 (default: the network's own)")
-        self.labeled = QLineEdit("25%")
-        self.labeled.setToolTip("labeled cases used with their labels: a count (8), a percentage (25%), or a list file of case ids; all other scans train unlabeled")
+        self.labeled = QLineEdit(default_of("labeled"))
+        self.labeled.setToolTip("labeled cases used with their labels: a count (8), a percentage (10%), or a list file of case ids; all other scans train unlabeled")
         self.validation = QSpinBox()
         self.validation.setRange(0, 10_000)
         self.validation.setValue(2)
@@ -619,7 +605,7 @@ class TrainWidget(QWidget):
 
     # Running --------------------------------------------------------------------------------------
     def config(self):
-        from semiseg.training import TrainConfig
+        from semiseg.config import TrainConfig
 
         data, output = self.data.text(), self.output.text()
         if not data:
@@ -633,7 +619,7 @@ class TrainWidget(QWidget):
         iterations = self.iterations.value()
         return TrainConfig(
             data=str(Path(data).expanduser()), output=str(out), method=self.method.currentText(), network=self.network.currentText(),
-            network_options=_parse_options(self.network_options.text()), labeled=self.labeled.text().strip() or "100%",
+            network_options=parse_options(self.network_options.text()), labeled=self.labeled.text().strip() or default_of("labeled"),
             validation=str(self.validation.value()), iterations=iterations, batch_size=self.batch.value(),
             patch_size=None if self.auto_patch.isChecked() else tuple(s.value() for s in self.patch),
             validate_every=self.validate_every.value(), log_every=1 if iterations <= 2000 else 5,
@@ -809,7 +795,7 @@ class FineTuneWidget(QWidget):
             pass
 
     def run(self) -> None:
-        from semiseg.checkpoint import read_meta
+        from semiseg.models import read_record
         from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
         from semiseg.napari.preflight import check_unlabeled_folder
 
@@ -831,9 +817,7 @@ class FineTuneWidget(QWidget):
             correction = volume_from_layer(labels, copy=True)
             if correction.shape != volume.shape:
                 raise InputError(f"'{labels.name}' has shape {correction.shape}, the scan {volume.shape}; choose the scan's labels")
-            meta = read_meta(checkpoint)
-            names = {int(k): v for k, v in meta["class_names"].items()}
-            check_labels(correction.array, names, labels.name)
+            check_labels(correction.array, read_record(checkpoint).class_names, labels.name)
             if not correction.array.any():
                 show_warning(f"semiseg: '{labels.name}' is empty: fine-tuning will learn that this scan holds no structure")
             output = Path(self.output.text()).expanduser()
@@ -981,7 +965,7 @@ class ReviewWidget(QWidget):
         return self.session.review_queue
 
     def rank(self) -> None:
-        from semiseg.checkpoint import read_meta
+        from semiseg.models import read_record
         from semiseg.napari.review import ReviewQueue, list_scans
 
         if self.job is not None and self.job.running:
@@ -994,7 +978,7 @@ class ReviewWidget(QWidget):
                 raise InputError("choose a model first (Train, or Browse…)")
             device = self.device.device()
             list_scans(folder)
-            queue = ReviewQueue(Path(folder).expanduser(), checkpoint, read_meta(checkpoint).get("weights_sha256"))
+            queue = ReviewQueue(Path(folder).expanduser(), checkpoint, read_record(checkpoint).weights_sha256)
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
             return
@@ -1065,10 +1049,10 @@ class ReviewWidget(QWidget):
             show_error(f"semiseg: {_one_line(error)}")
             return None
         image = self.viewer.add_image(data, **attributes)
-        meta = self.queue and read_meta_safe(self.queue.checkpoint)
-        names = names_from_metadata({"class_names": (meta or {}).get("class_names")})
+        record = read_record_safe(self.queue.checkpoint)
+        names = record.class_names if record is not None else None
         common = {"source_path": entry.scan, "image_path": entry.scan, "image_layer": image.name, "checkpoint": self.queue.checkpoint,
-                  "checkpoint_sha256": (meta or {}).get("weights_sha256"), "method": ((meta or {}).get("model") or {}).get("method")}
+                  "checkpoint_sha256": record and record.weights_sha256, "method": record and record.method}
         placement = placement_of(image)
         prediction = labels.array.astype(np.uint8, copy=False)
         self.viewer.add_labels(prediction, name=f"{image.name} prediction", opacity=0.6, features=label_features(names), **placement,
@@ -1086,11 +1070,11 @@ class ReviewWidget(QWidget):
         return image
 
 
-def read_meta_safe(path: str | None) -> dict | None:
-    from semiseg.checkpoint import read_meta
+def read_record_safe(path: str | None):
+    from semiseg.models import read_record
 
     try:
-        return read_meta(path) if path else None
+        return read_record(path) if path else None
     except SemisegError:
         return None
 

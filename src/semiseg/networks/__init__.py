@@ -1,15 +1,15 @@
 """Segmentation networks, built by name from a JSON-able config.
 
-Every network maps (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W) and exposes
-`encode(x) -> list of features` and `decode(features, return_embedding=False)` so that methods can
-add to or read from features without a network of their own.
+Every network maps (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W) and follows the
+`Network` protocol, so that methods can add to or read from features without a network of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from semiseg.errors import InputError
@@ -19,10 +19,30 @@ from semiseg.networks.unet import UNet
 from semiseg.networks.uxnet import UXNet
 from semiseg.networks.vnet import VNet
 
+@runtime_checkable
+class Network(Protocol):
+    """What methods rely on in a network besides forward (images -> logits)."""
+
+    downsamplings: int  # stride-2 steps of the encoder: patch sides must be multiples of 2 ** downsamplings
+    encoder_widths: list[int]  # channels of each encoder level, finest first
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features, finest level first."""
+        ...
+
+    def decode(self, features: list[torch.Tensor], return_embedding: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits from `encode`'s features; with `return_embedding`, also the last decoder features."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"resnet": ResNetSegmenter, "plain-unet": plain_unet, "residual-unet": residual_unet, "unet": UNet, "uxnet": UXNet, "vnet": VNet}
 
 
 def register_network(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make a network buildable by name; `factory(in_channels=, out_channels=, **options)` must
+    return a module following `Network` (a plugin package calls this when its method is loaded)."""
     NETWORKS[name] = factory
 
 
