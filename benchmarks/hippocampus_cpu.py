@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "hippocampus"
+EVIDENCE_THROUGHPUT_TABLE = "hippocampus-1-thread"  # throughput.py --table whose rows give the relative times
+EVIDENCE = ROOT / "src" / "semiseg" / "data" / "method_evidence.json"  # package data read by semiseg.methods.evidence
 TRAINING_CASES = 160  # of the 200, after the 40 validation cases
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is rendered again -->"
 
@@ -173,6 +175,7 @@ def render(runs: list[dict]) -> None:
     _finish_plot(figure, axis, "Hippocampus, CPU: validation Dice during training", "hippocampus_cpu_curves.png")
     plot_dice_vs_fraction(runs, plt)
     plot_dice_vs_count(runs, plt)
+    write_method_evidence(runs)
 
 
 def comparison_groups(runs: list[dict]) -> dict[tuple, list[dict]]:
@@ -191,12 +194,33 @@ def seed_averaged_case_dice(group: list[dict], seeds: set[int]) -> dict[str, flo
     return {case: float(np.mean([np.nanmean(r["per_case_dice"][case]) for r in chosen])) for case in chosen[0]["per_case_dice"]}
 
 
-def comparison_lines(runs: list[dict]) -> list[str]:
-    """The seeded comparison: mean ± sd over seeds, and against supervised-only with the same labeled count,
-    network and budget: Δ Dice over the seeds both have, Wilcoxon signed-rank p over the paired cases, cases
-    better, and the share of the gap to supervised with every training case labeled that the method closes."""
+def paired_with_supervised(groups: dict[tuple, list[dict]], key: tuple) -> dict | None:
+    """Against supervised-only with the same labeled count, network and budget, over the seeds both have:
+    Δ of the seed-averaged per-case Dice, Wilcoxon signed-rank p over the cases, cases better, and the share
+    of the gap to supervised with every training case labeled that Δ closes (None without a ceiling)."""
     from scipy.stats import wilcoxon
 
+    network, iterations, count, method, variant = key
+    reference = groups.get((network, iterations, count, "supervised", ""))
+    if not reference or (method, variant) == ("supervised", ""):
+        return None
+    shared = {r["seed"] for r in groups[key]} & {r["seed"] for r in reference}
+    if not shared:
+        return None
+    ours, theirs = seed_averaged_case_dice(groups[key], shared), seed_averaged_case_dice(reference, shared)
+    difference = np.array([ours[c] - theirs[c] for c in sorted(ours)])
+    ceiling = groups.get((network, iterations, TRAINING_CASES, "supervised", ""))
+    gap = None
+    if ceiling:
+        gap = np.mean([r["dice_mean"] for r in ceiling]) - np.mean([r["dice_mean"] for r in reference if r["seed"] in shared])
+    return {"seeds": len(shared), "delta": float(difference.mean()),
+            "p_value": float(wilcoxon(difference).pvalue) if np.any(difference) else 1.0,
+            "better_cases": f"{int((difference > 0).sum())}/{len(difference)}",
+            "gap_closed": float(difference.mean() / gap) if gap and gap > 0 else None}
+
+
+def comparison_lines(runs: list[dict]) -> list[str]:
+    """The seeded comparison table: mean ± sd over seeds, and the paired comparison with supervised-only."""
     groups = comparison_groups(runs)
     if not groups:
         return []
@@ -211,26 +235,47 @@ def comparison_lines(runs: list[dict]) -> list[str]:
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "supervised", k[3], k[4])):
         network, iterations, count, method, variant = key
         group = groups[key]
-        seeds = {r["seed"] for r in group}
         dice = [r["dice_mean"] for r in group]
         cells = ["", "", "", ""]
-        reference = groups.get((network, iterations, count, "supervised", ""))
-        ceiling = groups.get((network, iterations, TRAINING_CASES, "supervised", ""))
-        shared = seeds & {r["seed"] for r in reference} if reference else set()
-        if shared and (method, variant) != ("supervised", ""):
-            ours, theirs = seed_averaged_case_dice(group, shared), seed_averaged_case_dice(reference, shared)
-            cases = sorted(ours)
-            difference = np.array([ours[c] - theirs[c] for c in cases])
-            cells[0] = f"{difference.mean():+.4f} ({len(shared)} seeds)"
-            cells[1] = f"{wilcoxon(difference).pvalue:.3g}" if np.any(difference) else "1"
-            cells[2] = f"{int((difference > 0).sum())}/{len(cases)}"
-            if ceiling:
-                gap = np.mean([r["dice_mean"] for r in ceiling]) - np.mean([r["dice_mean"] for r in reference if r["seed"] in shared])
-                cells[3] = f"{difference.mean() / gap:.0%}" if gap > 0 else ""
+        paired = paired_with_supervised(groups, key)
+        if paired:
+            cells = [f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}", paired["better_cases"],
+                     f"{paired['gap_closed']:.0%}" if paired["gap_closed"] is not None else ""]
         name = method + (f" ({variant})" if variant else "")
         lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f} ± {np.std(dice):.4f} | "
                      + " | ".join(cells) + f" | {np.mean([r['train_seconds'] for r in group]) / 60:.1f} |")
     return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
+
+
+def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000, network: str = "vnet") -> None:
+    """semiseg/data/method_evidence.json: what `semiseg methods` and the Train widget show per method, from the
+    seeded comparison at the default budget and from throughput.py's one-thread hippocampus table."""
+    groups = comparison_groups(runs)
+    methods: dict[str, dict] = {}
+    for key, group in sorted(groups.items()):
+        if key[0] != network or key[1] != iterations or key[4] or key[2] >= TRAINING_CASES:
+            continue
+        dice = [r["dice_mean"] for r in group]
+        row = {"labeled": key[2], "seeds": len(group), "dice": float(np.mean(dice)), "dice_sd": float(np.std(dice))}
+        paired = paired_with_supervised(groups, key)
+        if paired:
+            row.update({k: paired[k] for k in ("delta", "p_value", "better_cases")})
+        methods.setdefault(key[3], {"rows": []})["rows"].append(row)
+    throughput = ROOT / "benchmarks" / "results" / "throughput.json"
+    table = json.loads(throughput.read_text())["tables"].get(EVIDENCE_THROUGHPUT_TABLE) if throughput.exists() else None
+    if table:
+        seconds: dict[str, list[float]] = {}
+        for run in table["runs"]:
+            if run.get("dataset") == "hippocampus" and run.get("sec_per_iter"):
+                seconds.setdefault(run["method"], []).append(run["sec_per_iter"])
+        if "supervised" in seconds:
+            reference = float(np.median(seconds["supervised"]))
+            for method, values in seconds.items():
+                if method in methods:
+                    methods[method]["relative_time"] = float(np.median(values)) / reference
+    setting = (f"hippocampus benchmark (benchmarks/results/hippocampus_cpu.md): {network} base 8, {iterations} iterations, "
+               f"40 validation cases, labeled cases drawn per seed, the other training cases unlabeled")
+    target.write_text(json.dumps({"setting": setting, "methods": methods}, indent=1) + "\n")
 
 
 def plot_dice_vs_count(runs: list[dict], plt) -> None:

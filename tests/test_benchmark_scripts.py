@@ -4,6 +4,7 @@ once sent its options nowhere), its seeded split and paired comparison, and the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,20 @@ def test_gpu_check_refuses_clearly_without_cuda_and_writes_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["gpu_check: error: no CUDA device here (torch.cuda.is_available() is False); run this on a GPU machine"]
     assert not (tmp_path / "results").exists()
+
+
+def test_method_evidence_written_from_the_comparison_is_what_users_are_shown(tmp_path, monkeypatch):
+    from semiseg.methods import evidence
+
+    rng = np.random.default_rng(1)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
+    runs += [_run("cps", 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2)]
+    target = tmp_path / "method_evidence.json"
+    _benchmark().write_method_evidence(runs, target)
+    monkeypatch.setattr(evidence, "_evidence", lambda: json.loads(target.read_text()))
+    [row] = evidence.measured("cps")
+    assert (row.labeled, row.seeds, row.better_cases) == (4, 3, "30/30") and abs(row.delta - 0.02) < 1e-9
+    assert row.dice == pytest.approx(np.mean([np.mean(base[s] + 0.02) for s in base]))
+    assert evidence.describe("cps").startswith(f"4 labeled: Dice {row.dice:.3f} ± {row.dice_sd:.3f} (3 seeds), +0.020 vs supervised (p=")
+    assert evidence.describe("bcp") == "not benchmarked yet"

@@ -394,11 +394,15 @@ def _benchmark(args: argparse.Namespace) -> int:
 # methods, info ----------------------------------------------------------------------------------
 
 def _methods(args: argparse.Namespace) -> int:
-    from semiseg.methods import METHODS
+    from semiseg.config import default_of
+    from semiseg.methods import METHODS, evidence
 
     for name, method in sorted(METHODS.items()):
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items()) or "none"
-        print(f"{name:18s} {method.summary}\n{'':18s} options: {options}")
+        default = " (the default)" if name == default_of("method") else ""
+        print(f"{name:18s} {method.summary}{default}\n{'':18s} options: {options}\n{'':18s} measured: {evidence.describe(name)}")
+    if evidence.benchmark_note():
+        print(f"\nmeasured: {evidence.benchmark_note()}")
     return 0
 
 

@@ -632,6 +632,13 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     qtbot.waitUntil(lambda: "labeled" in widget.found.text(), timeout=30_000)
     assert [spin.text() for spin in widget.patch] == ["auto"] * 3 and not widget.patch[0].isEnabled()
     assert "12 labeled, 8 unlabeled" in widget.found.text() and "spacing" in widget.found.text()
+    # Beside the method list: what the benchmark measured for the chosen method, following the choice.
+    from semiseg.methods import evidence
+
+    chosen = widget.method.currentText()
+    for name in ("supervised", "bcp", chosen):
+        widget.method.setCurrentText(name)
+        assert widget.method_evidence.text() == evidence.describe(name)
     click(qtbot, widget.buttons.start)
     qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
     assert messages["error"] == [], messages

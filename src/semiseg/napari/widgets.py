@@ -481,7 +481,7 @@ class TrainWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from semiseg.methods import METHODS
+        from semiseg.methods import METHODS, evidence
         from semiseg.networks import NETWORKS
 
         self.viewer = napari_viewer
@@ -497,7 +497,14 @@ class TrainWidget(QWidget):
         for name, method in sorted(METHODS.items()):
             self.method.addItem(name)
             self.method.setItemData(self.method.count() - 1, method.summary, Qt.ItemDataRole.ToolTipRole)
-        self.method.setCurrentText("mean-teacher" if "mean-teacher" in METHODS else self.method.itemText(0))
+        # What the benchmark measured for the chosen method, so the trade-off is seen before starting.
+        self.method_evidence = QLabel()
+        self.method_evidence.setWordWrap(True)
+        self.method_evidence.setStyleSheet("color: gray;")
+        self.method_evidence.setToolTip(evidence.benchmark_note())
+        self.method.currentTextChanged.connect(lambda name: self.method_evidence.setText(evidence.describe(name)))
+        self.method.setCurrentText(default_of("method"))
+        self.method_evidence.setText(evidence.describe(self.method.currentText()))
         self.network = QComboBox()
         self.network.addItems(sorted(NETWORKS))
         self.network.setCurrentText("vnet")
@@ -543,6 +550,7 @@ class TrainWidget(QWidget):
         form.addRow("Dataset", self.data)
         form.addRow("", self.found)
         form.addRow("Method", self.method)
+        form.addRow("", self.method_evidence)
         form.addRow("Network", self.network)
         form.addRow("Network options", self.network_options)
         form.addRow("Labeled", self.labeled)
