@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from semiseg import benchmark_la as la
+from semiseg.checkpoint import read_meta
 from semiseg.cli import main
 from semiseg.metrics import binary_metrics
 
@@ -107,6 +108,20 @@ def test_benchmark_writes_results_and_table_for_both_conventions(finished):
     assert "SMOKE RUN" in table
     rows = [line for line in table.splitlines() if line.startswith("| mean-teacher")]
     assert len(rows) == 2 and {row.split("|")[8].strip() for row in rows} == {"last", "best-lcc"}
+
+
+def test_paper_preset_is_recorded_in_results_and_table(la_tree, tmp_path):
+    out = tmp_path / "paper"
+    argv = ["benchmark", "la", "--data", str(la_tree), "--labeled", "1", "--out", str(out), "--preset", "paper", "--convention", "last"]
+    assert main([*argv, *TINY]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["preset"] == "paper" and result["geometry"] == "LA" and result["iterations"] == 4  # --iterations won
+    training = result["training"]
+    assert (training["lr"], training["lr_schedule"], training["nesterov"], training["amp"], training["augmentation"]) == (0.01, "step", False, False, "ua-mt")
+    assert training["network_options"] == {"dropout": True, "base_filters": 4} and training["method_options"]["predict_with"] == "student"
+    assert read_meta(out / "seed-0" / "last")["model"]["preset"] == "paper"
+    assert result["method_label"] == "mean-teacher (vnet, base_filters=4, preset paper)"
+    assert "| mean-teacher (vnet, base_filters=4, preset paper) |" in (out / "table.md").read_text()
 
 
 def test_table_over_runs_pools_seeds_and_adds_published_rows(finished, tmp_path, capsys):

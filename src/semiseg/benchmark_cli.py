@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from semiseg.cli import key_value_option
+from semiseg.cli import key_value_option, resolve_training_settings
 from semiseg.errors import InputError, OutputExistsError, require
+from semiseg.presets import PRESET_NAMES
 
 DESCRIPTION = """\
 Train a method with the Left Atrium protocol of the semi-supervised segmentation papers, evaluate it
@@ -21,7 +23,13 @@ Protocol: labeled = the FIRST N ids of train.list (as the UA-MT/MC-Net code), un
 of train.list found on disk (the table header says how many of the expected ones were found);
 training patch 112x112x80 in the papers' (x, y, z) order, i.e. (z, y, x) = (80, 112, 112) in
 semiseg's arrays; batch 2 labeled + 2 unlabeled; SGD lr 0.01 with poly decay; evaluation by sliding
-window (the training patch, stride 18x18x4, windows averaged), metrics in voxels.
+window (the training patch, stride 18x18x4, windows averaged), metrics in voxels. The network is the
+method's paper's unless --network says otherwise (uxnet for dk-uxnet, residual-unet for 3d-cps).
+
+--preset paper: the method's published training protocol (semiseg.presets; e.g. for mean-teacher
+UA-MT's: VNet dropout, SGD without Nesterov, lr/10 every 2500 iterations, 0.5 (CE + Dice), its
+ramp-up, crop + rotation/flip, fp32, the student predicts); flags given explicitly win. It is
+recorded in results.json and in the table's method label.
 
 Conventions, both computed from one training run by default (--convention):
   last      the last checkpoint, no post-processing (UA-MT, DTC)
@@ -45,7 +53,7 @@ tens of seconds (docs/benchmark-la.md).
 """
 
 
-PRESET_NAMES = ("la", "pancreas-ct", "kits19")  # semiseg.benchmark_la.PRESETS, not imported to keep --help light
+GEOMETRY_NAMES = ("la", "pancreas-ct", "kits19")  # semiseg.benchmark_la.PRESETS, not imported to keep --help light
 
 
 def add_parser(commands) -> None:
@@ -57,7 +65,8 @@ def add_parser(commands) -> None:
     la.add_argument("--data", help="the LA folder: train.list, test.list and <case>/mri_norm2.h5 folders (UA-MT's data/LA)")
     la.add_argument("--out", help="output folder: seed-S/ runs, results.json, table.md")
     la.add_argument("--method", default="mean-teacher", help="training method (see `semiseg methods`) (default: mean-teacher)")
-    la.add_argument("--network", default="vnet", help="network (default: vnet, the papers' VNet)")
+    la.add_argument("--network", default="vnet", help="network (default: the method's paper's; vnet, the papers' VNet, for most)")
+    la.add_argument("--preset", choices=PRESET_NAMES, help="the method's published training protocol (paper); explicit flags win (default: none)")
     la.add_argument("--labeled", default="8", help="labeled scans: a count (8, 16) or a percentage of train.list (10%%, 20%%) (default: 8)")
     la.add_argument("--iterations", type=int, default=6000, help="training iterations (default: 6000, UA-MT/DTC)")
     la.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="one training run per seed (default: 0)")
@@ -66,16 +75,16 @@ def add_parser(commands) -> None:
     la.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     la.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
     la.add_argument("--network-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="network option, e.g. base_filters=16")
-    la.add_argument("--lr", type=float, default=0.01, help="initial learning rate, poly decay (default: 0.01, the papers')")
+    la.add_argument("--lr", type=float, default=0.01, help="initial learning rate, poly decay unless --preset says otherwise (default: 0.01, the papers')")
     la.add_argument("--batch-size", type=int, default=2, help="labeled patches per iteration, as many unlabeled (default: 2)")
     la.add_argument("--select-from", type=int, default=800, help="best-lcc: first iteration checked on the test cases (default: 800)")
     la.add_argument("--select-every", type=int, default=200, help="best-lcc: iterations between checks; also the checkpoint interval (default: 200)")
     la.add_argument("--predictor", help="evaluate one of the method's predicting networks (e.g. student, as UA-MT) instead of their average")
-    la.add_argument("--preset", choices=PRESET_NAMES, default="la",
-                    help="patch/stride preset: la 112x112x80 / 18x18x4, pancreas-ct 96x96x96 / 16x16x16, kits19 128x128x64 / 18x18x4 (x,y,z); the data must be in the LA folder layout (default: la)")
+    la.add_argument("--geometry", choices=GEOMETRY_NAMES, default="la",
+                    help="patch/stride of a benchmark: la 112x112x80 / 18x18x4, pancreas-ct 96x96x96 / 16x16x16, kits19 128x128x64 / 18x18x4 (x,y,z); the data must be in the LA folder layout (default: la)")
     la.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
     la.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line (default: 10)")
-    la.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    la.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (default: on; --preset paper: off)")
     la.add_argument("--overwrite", action="store_true", help="replace the runs and results already in --out")
     la.add_argument("--table", nargs="+", metavar="RUN_DIR", help="build one table from finished runs' results.json instead of training")
     la.add_argument("--smoke-patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
@@ -125,9 +134,10 @@ def _check(args: argparse.Namespace) -> None:
         raise OutputExistsError(f"{out / 'results.json'} exists; refusing to overwrite it (use --overwrite, or another --out)")
 
 
-def _method_label(args: argparse.Namespace) -> str:
+def _method_label(args: argparse.Namespace, network: str) -> str:
     options = [f"{k}={v}" for k, v in args.network_option] + [f"{k}={v}" for k, v in args.option]
-    return f"{args.method} ({args.network}{', ' + ', '.join(options) if options else ''})"
+    options += [f"preset {args.preset}"] if args.preset else []
+    return f"{args.method} ({network}{', ' + ', '.join(options) if options else ''})"
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -141,14 +151,14 @@ def _benchmark(args: argparse.Namespace) -> int:
     from semiseg.training import TrainConfig, train
 
     _check(args)
-    preset = la.PRESETS[args.preset]
+    geometry = la.PRESETS[args.geometry]
     method_cls = method_class(args.method)
     split = la.protocol_split(args.data, args.labeled)
     device = resolve_device(args.device)
     conventions = la.CONVENTIONS if args.convention == "both" else (args.convention,)
     smoke = bool(args.smoke_patch or args.smoke_stride)
-    patch_zyx = tuple(args.smoke_patch) if args.smoke_patch else preset.patch_zyx
-    settings = la.eval_settings(preset, args.fast_eval, patch_zyx, tuple(args.smoke_stride) if args.smoke_stride else None)
+    patch_zyx = tuple(args.smoke_patch) if args.smoke_patch else geometry.patch_zyx
+    settings = la.eval_settings(geometry, args.fast_eval, patch_zyx, tuple(args.smoke_stride) if args.smoke_stride else None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,13 +166,21 @@ def _benchmark(args: argparse.Namespace) -> int:
     labeled_list = out / "labeled.list"
     labeled_list.write_text("".join(f"{case_id}\n" for case_id in split.labeled))
     unlabeled = len(split.unlabeled) if method_cls.uses_unlabeled else 0
+    training_settings = resolve_training_settings(args, dict(
+        data=str(view), method=args.method, network=args.network, labeled=str(labeled_list), validation="0",
+        iterations=args.iterations, batch_size=args.batch_size, patch_size=patch_zyx, lr=args.lr,
+        validate_every=args.select_every, log_every=args.log_every, device=args.device, workers=args.workers,
+        amp=args.amp, method_options=dict(args.option), network_options=dict(args.network_option), overwrite=args.overwrite,
+    ))
+    training = asdict(TrainConfig(output="", **training_settings))
     result: dict[str, Any] = {
-        "benchmark": "semiseg-la", "preset": preset.name, "smoke": smoke,
-        "method": args.method, "network": args.network, "method_options": dict(args.option),
-        "network_options": dict(args.network_option), "method_label": _method_label(args),
+        "benchmark": "semiseg-la", "geometry": geometry.name, "preset": args.preset, "smoke": smoke,
+        "method": args.method, "network": training["network"], "method_options": training["method_options"],
+        "network_options": training["network_options"], "method_label": _method_label(args, training["network"]),
         "labeled": len(split.labeled), "unlabeled": unlabeled, "split": split.to_dict(),
-        "patch_xyz": la.xyz(patch_zyx[::-1]), "patch_zyx": la.xyz(patch_zyx), "iterations": args.iterations,
-        "batch_size": args.batch_size, "lr": args.lr, "device": describe(device),
+        "patch_xyz": la.xyz(patch_zyx[::-1]), "patch_zyx": la.xyz(patch_zyx), "iterations": training["iterations"],
+        "batch_size": training["batch_size"], "lr": training["lr"], "device": describe(device),
+        "training": {k: v for k, v in training.items() if k not in ("data", "output", "seed", "labeled", "overwrite")},
         "evaluation": {"name": settings.name, "description": settings.description, "patch_zyx": list(settings.patch_zyx),
                        "overlap_zyx": list(settings.overlap), "blending": settings.mode, "units": "voxels",
                        "predictor": args.predictor or "mean of the method's predictors"},
@@ -180,13 +198,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         run_dir = out / f"seed-{seed}"
         test = la.TestSet(split, settings, device, args.predictor)
         selection = la.Selection(test, run_dir / "best-on-test") if "best-lcc" in conventions else None
-        config = TrainConfig(
-            data=str(view), output=str(run_dir), method=args.method, network=args.network, labeled=str(labeled_list),
-            validation="0", iterations=args.iterations, batch_size=args.batch_size, patch_size=patch_zyx, lr=args.lr,
-            validate_every=args.select_every, log_every=args.log_every, seed=seed, device=args.device, workers=args.workers,
-            amp=not args.no_amp, method_options=dict(args.option), network_options=dict(args.network_option),
-            overwrite=args.overwrite,
-        )
+        config = TrainConfig(output=str(run_dir), seed=seed, **training_settings)
         bar: dict[str, Any] = {}
         timing: dict[str, float] = {}
 
@@ -199,7 +211,7 @@ def _benchmark(args: argparse.Namespace) -> int:
                 timing["sec_per_iter"] = event["sec_per_iter"]
             elif kind == "checkpoint" and event["name"] == "last" and selection is not None:
                 iteration = event["iteration"]
-                if args.select_from <= iteration < args.iterations and iteration % args.select_every == 0:
+                if args.select_from <= iteration < config.iterations and iteration % args.select_every == 0:
                     selection.consider(Path(event["path"]), iteration)
                     tqdm.write(f"seed {seed}, iteration {iteration}: test Dice {selection.history[-1]['test_dice']:.4f}"
                                + (" (best)" if selection.history[-1]["best"] else ""))

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from semiseg.errors import CheckpointError, InputError, OutputExistsError, SemisegError, require
+from semiseg.presets import PRESET_NAMES
+
+LR_SCHEDULES = ("poly", "step", "constant")  # semiseg.training.LR_SCHEDULES, not imported to keep --help light
+AUGMENTATIONS = ("default", "ua-mt")  # semiseg.sampling.AUGMENTATIONS, likewise
 
 EPILOG = """examples:
   semiseg train --data resources/hippocampus --method mean-teacher --labeled 25% --iterations 300 --out runs/demo
@@ -51,22 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="dataset folder")
     train.add_argument("--out", required=True, help="output folder for checkpoints and the log")
     train.add_argument("--method", default="mean-teacher", help="training method (see `semiseg methods`)")
-    train.add_argument("--network", default="vnet", help="network: vnet (the papers' VNet) or unet (MONAI BasicUNet)")
+    train.add_argument("--network", default="vnet", help="network: vnet (the papers' VNet), unet (MONAI BasicUNet), uxnet, residual-unet, ...; default: the method's paper's (vnet for most)")
+    train.add_argument("--preset", choices=PRESET_NAMES, help="a method's published protocol (paper: its paper's optimizer, schedule, iterations, losses, augmentation, network options); flags given explicitly win")
     train.add_argument("--labeled", default="100%", help="labeled subset: a count (8), a percentage of the non-validation labeled cases (10%%), or a file listing case ids; other scans train unlabeled")
     train.add_argument("--validation", default="0", help="validation cases held out from the labeled ones: count, percentage or list file")
     train.add_argument("--unlabeled", action="append", default=[], metavar="DIR", help="extra folder of unlabeled scans (repeatable)")
     train.add_argument("--iterations", type=int, default=1000, help="training iterations")
     train.add_argument("--batch-size", type=int, default=2, help="labeled patches per iteration (as many unlabeled)")
     train.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help="patch size in voxels (default: from the data)")
-    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer (poly learning-rate decay)")
+    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer")
     train.add_argument("--lr", type=float, default=0.05, help="initial learning rate")
+    train.add_argument("--lr-schedule", default="poly", choices=LR_SCHEDULES, help="learning-rate decay: poly, step (/10 every 2500 iterations, UA-MT) or constant")
+    train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
     train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--augmentation", default="default", choices=AUGMENTATIONS, help="default (flips, quarter turns, affine, foreground oversampling) or ua-mt (UA-MT's random crop + rotation/flip)")
     train.add_argument("--validate-every", type=int, default=200, help="iterations between validations and last-checkpoint saves")
     train.add_argument("--log-every", type=int, default=10, help="iterations averaged into one log line")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
-    train.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (bf16 where supported)")
     train.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convolutions on tensor-core GPUs)")
     train.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first step, faster after; its time is logged)")
     train.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE", help="method option (see `semiseg methods`)")
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.explicit = explicit_arguments(argv)
     logging.basicConfig(format="semiseg: %(message)s", level=logging.WARNING)
     # File names that are not UTF-8 must print escaped, not stop the command.
     for stream in (sys.stdout, sys.stderr):
@@ -128,6 +137,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semiseg: interrupted", file=sys.stderr)
         return 130
+
+
+def explicit_arguments(argv: list[str] | None) -> set[str]:
+    """The argument destinations the user typed (not argparse defaults): a preset fills the others."""
+    parser = build_parser()
+    _suppress_defaults(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _suppress_defaults(subparser)
+        else:
+            action.default = argparse.SUPPRESS
+
+
+# Command-line destinations whose TrainConfig field has another name.
+_FIELD_OF_ARGUMENT = {"out": "output", "patch": "patch_size", "option": "method_options", "network_option": "network_options"}
+
+
+def resolve_training_settings(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields from the command line: the method's paper network unless --network is
+    given, then --preset's settings for every field the user did not set explicitly."""
+    from semiseg.methods import method_class
+    from semiseg.presets import apply_preset, resolve_preset
+
+    given = {_FIELD_OF_ARGUMENT.get(dest, dest) for dest in args.explicit}
+    if "network" not in given:
+        settings = {**settings, "network": method_class(settings["method"]).paper_network}
+    if args.preset:
+        settings = apply_preset({**settings, "preset": args.preset}, resolve_preset(settings["method"], args.preset), given)
+    return settings
 
 
 def _one_line(text: str) -> str:
@@ -208,15 +251,16 @@ def _train(args: argparse.Namespace) -> int:
 
     _check_train_arguments(args)
 
-    config = TrainConfig(
+    config = TrainConfig(**resolve_training_settings(args, dict(
         data=args.data, output=args.out, method=args.method, network=args.network, labeled=args.labeled,
         validation=args.validation, unlabeled=args.unlabeled, iterations=args.iterations, batch_size=args.batch_size,
-        patch_size=tuple(args.patch) if args.patch else None, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, validate_every=args.validate_every, log_every=args.log_every, seed=args.seed, device=args.device,
-        workers=args.workers, amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile,
+        patch_size=tuple(args.patch) if args.patch else None, optimizer=args.optimizer, lr=args.lr, lr_schedule=args.lr_schedule,
+        nesterov=args.nesterov, weight_decay=args.weight_decay, augmentation=args.augmentation, validate_every=args.validate_every,
+        log_every=args.log_every, seed=args.seed, device=args.device,
+        workers=args.workers, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         method_options=dict(args.option),
         network_options=dict(args.network_option), resume=args.resume, overwrite=args.overwrite,
-    )
+    )))
     stop = {"asked": False}
 
     def interrupt(signum, frame):
@@ -463,7 +507,7 @@ def _methods(args: argparse.Namespace) -> int:
 
     for name, method in sorted(METHODS.items()):
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items()) or "none"
-        print(f"{name:18s} {method.summary}\n{'':18s} options: {options}")
+        print(f"{name:18s} {method.summary}\n{'':18s} paper network: {method.paper_network}; options: {options}")
     return 0
 
 
@@ -477,6 +521,7 @@ def _info(args: argparse.Namespace) -> int:
         f"checkpoint: {args.checkpoint}",
         f"method: {model['method']}  options: {json.dumps(model['options'])}",
         f"network: {model['network']['name']}  options: {json.dumps(model['network']['options'])}",
+        f"preset: {meta.get('train_config', {}).get('preset') or 'none'}",
         f"classes: {', '.join(f'{k}={v}' for k, v in meta['class_names'].items())}",
         f"patch: {tuple(plan['patch_size'])}  target spacing: {plan['target_spacing'] or 'as each scan'}  normalisation: {plan['normalization']}",
         f"data: {meta.get('data')}  labeled {len(split['labeled'])}, unlabeled {len(split['unlabeled'])}, validation {len(split['validation'])}, seed {split['seed']}",
