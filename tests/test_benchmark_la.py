@@ -111,6 +111,20 @@ def test_benchmark_writes_results_and_table_for_both_conventions(finished):
     assert len(rows) == 2 and {row.split("|")[8].strip() for row in rows} == {"last", "best-lcc"}
 
 
+def test_paper_preset_is_recorded_in_results_and_table(la_tree, tmp_path):
+    out = tmp_path / "paper"
+    argv = ["benchmark", "la", "--data", str(la_tree), "--labeled", "1", "--out", str(out), "--preset", "paper", "--convention", "last"]
+    assert main([*argv, *TINY]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["preset"] == "paper" and result["geometry"] == "LA" and result["iterations"] == 4  # --iterations won
+    training = result["training"]
+    assert (training["lr"], training["lr_schedule"], training["nesterov"], training["amp"], training["augmentation"]) == (0.01, "step", False, False, "ua-mt")
+    assert training["network_options"] == {"dropout": True, "base_filters": 4} and training["method_options"]["predict_with"] == "student"
+    assert read_record(out / "seed-0" / "last").train_config["preset"] == "paper"
+    assert result["method_label"] == "mean-teacher (vnet, base_filters=4, preset paper)"
+    assert "| mean-teacher (vnet, base_filters=4, preset paper) |" in (out / "table.md").read_text()
+
+
 def test_table_over_runs_pools_seeds_and_adds_published_rows(finished, tmp_path, capsys):
     code, out, err = run_cli(capsys, "benchmark", "la", "--table", finished, finished, "--out", tmp_path / "table")
     assert code == 0, err
@@ -238,28 +252,18 @@ def test_labeled_cases_missing_on_disk_and_bad_table_input(la_tree, tmp_path, ca
     assert code == 2 and "results.json" in _one_error_line(err)
 
 
-# Per-method paper settings ------------------------------------------------------------------------
+# BCP's paper preset ------------------------------------------------------------------------------
 
-def test_paper_settings_give_bcp_its_published_la_run_and_explicit_options_win():
-    from semiseg.cli import build_parser
+def test_bcp_paper_preset_gives_its_published_la_run_and_explicit_options_win():
+    from semiseg.config import resolve_settings
     from semiseg.methods import build_method
     from semiseg.methods.base import NetworkSpec, StepInfo
 
-    args = build_parser().parse_args(["benchmark", "la", "--data", "LA", "--out", "run", "--method", "bcp", "--paper-settings",
-                                      "--option", "alpha=0.4"])
-    la.apply_paper_settings(args)
-    assert (args.iterations, args.batch_size, args.convention, args.select_from) == (17000, 4, "best-lcc", 2200)
-    options, network_options = dict(args.option), dict(args.network_option)
-    assert options["alpha"] == 0.4 and network_options == {"dropout": True}
+    settings = resolve_settings({"method": "bcp", "network": "vnet", "preset": "paper", "iterations": 6000,
+                                 "method_options": {"alpha": 0.4}, "network_options": {}}, {"method", "method_options", "preset"})
+    assert (settings["iterations"], settings["batch_size"], settings["lr_schedule"], settings["amp"]) == (17000, 4, "step", False)
+    assert settings["method_options"]["alpha"] == 0.4 and settings["network_options"] == {"dropout": True}
     # The recorded options are ones the method and the network take, and give the code's 2000 pre-training iterations.
-    method = build_method("bcp", 1, 2, NetworkSpec(args.network, network_options), options)
+    method = build_method("bcp", 1, 2, NetworkSpec(settings["network"], settings["network_options"]), settings["method_options"])
     assert method.networks["student"].dropout.p == 0.5
-    stages = [method.pretraining(StepInfo(i, args.iterations)) for i in (1999, 2000)]
-    assert stages == [True, False]
-
-
-def test_paper_settings_for_a_method_without_them_is_a_one_line_error(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "benchmark", "la", "--data", tmp_path, "--out", tmp_path / "out", "--method", "cps",
-                           "--paper-settings")
-    assert code == 2 and "--paper-settings" in _one_error_line(err)
-    assert not (tmp_path / "out").exists()
+    assert [method.pretraining(StepInfo(i, settings["iterations"])) for i in (1999, 2000)] == [True, False]

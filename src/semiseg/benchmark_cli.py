@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from semiseg.config import add_arguments, check_arguments, from_arguments
+from semiseg.config import add_arguments, check_arguments, from_arguments, resolve_settings
 from semiseg.errors import InputError, OutputExistsError, require
 
 DESCRIPTION = """\
@@ -44,7 +44,7 @@ tens of seconds (docs/benchmark-la.md).
 
 
 # The training settings the protocol lets a user change: TrainConfig's arguments, with the protocol's defaults.
-TRAINING_ARGUMENTS = ["method", "network", "method_options", "network_options", "iterations", "lr", "batch_size", "device",
+TRAINING_ARGUMENTS = ["method", "network", "preset", "method_options", "network_options", "iterations", "lr", "batch_size", "device",
                       "workers", "log_every", "amp", "overwrite"]
 
 
@@ -65,17 +65,15 @@ def add_parser(commands) -> None:
     la.add_argument("--select-from", type=int, default=800, help="best-lcc: first iteration checked on the test cases (default: 800)")
     la.add_argument("--select-every", type=int, default=200, help="best-lcc: iterations between checks; also the checkpoint interval (default: 200)")
     la.add_argument("--predictor", help="evaluate one of the method's predicting networks (e.g. student, as UA-MT) instead of their average")
-    presets = ", ".join(f"{name} {'x'.join(map(str, p.patch_xyz))} / {'x'.join(map(str, p.stride_xyz))}" for name, p in PRESETS.items())
-    la.add_argument("--preset", choices=list(PRESETS), default="la",
-                    help=f"patch/stride preset (x,y,z): {presets}; the data must be in the LA folder layout (default: la)")
+    geometries = ", ".join(f"{name} {'x'.join(map(str, p.patch_xyz))} / {'x'.join(map(str, p.stride_xyz))}" for name, p in PRESETS.items())
+    la.add_argument("--geometry", choices=list(PRESETS), default="la",
+                    help=f"patch/stride of a benchmark (x,y,z): {geometries}; the data must be in the LA folder layout (default: la)")
     add_arguments(la, TRAINING_ARGUMENTS, defaults=PROTOCOL_TRAINING, helps={
-        "network": "network (vnet: the papers' VNet)",
+        "network": "network (default: the method's paper's; vnet, the papers' VNet, for most)",
         "iterations": "training iterations (UA-MT/DTC: 6000)",
-        "lr": "initial learning rate, poly decay (the papers': 0.01)",
+        "lr": "initial learning rate, poly decay unless --preset says otherwise (the papers': 0.01)",
         "overwrite": "replace the runs and results already in --out",
     })
-    la.add_argument("--paper-settings", action="store_true",
-                    help="train as the method's paper/code does on LA (iterations, batch, options, convention; recorded for: bcp); replaces --iterations, --batch-size, --select-from and --convention")
     la.add_argument("--table", nargs="+", metavar="RUN_DIR", help="build one table from finished runs' results.json instead of training")
     la.add_argument("--smoke-patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
     la.add_argument("--smoke-stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help=argparse.SUPPRESS)
@@ -84,10 +82,6 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.table:
         return _table(args)
-    if args.paper_settings:
-        from semiseg.benchmark_la import apply_paper_settings
-
-        apply_paper_settings(args)
     return _benchmark(args)
 
 
@@ -130,7 +124,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     from semiseg import benchmark_la as la
 
     _check(args)
-    training = {k: v for k, v in from_arguments(args, data=args.data, output=args.out).to_dict().items() if k in TRAINING_ARGUMENTS}
+    chosen = from_arguments(args, data=args.data, output=args.out).to_dict()
+    training = {k: v for k, v in resolve_settings(chosen, args.explicit).items() if k not in ("data", "output")}
     bars: dict[int, Any] = {}
 
     def on_progress(event: dict) -> None:
@@ -160,9 +155,10 @@ def _benchmark(args: argparse.Namespace) -> int:
     try:
         result = la.run_protocol(
             args.data, args.out, training, labeled=args.labeled, seeds=args.seeds,
-            conventions=la.CONVENTIONS if args.convention == "both" else (args.convention,), preset=args.preset,
+            conventions=la.CONVENTIONS if args.convention == "both" else (args.convention,), geometry=args.geometry,
             fast_eval=args.fast_eval, predictor=args.predictor, select_from=args.select_from, select_every=args.select_every,
             smoke_patch=args.smoke_patch, smoke_stride=args.smoke_stride, progress=on_progress,
+            label_options={**chosen["network_options"], **chosen["method_options"]},
         )
     finally:
         for bar in bars.values():

@@ -72,42 +72,6 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class PaperSettings:
-    """A method's own LA training run as its released code sets it (`semiseg benchmark la --paper-settings`)."""
-
-    iterations: int
-    batch_size: int  # labeled patches per iteration, as many unlabeled
-    convention: str
-    select_from: int  # first iteration whose checkpoint best-lcc may select
-    method_options: dict[str, Any]
-    network_options: dict[str, Any]
-    source: str
-
-
-# By method name. The trainer runs one budget: a method's stages are fractions of it (its options).
-PAPER_SETTINGS = {
-    "bcp": PaperSettings(
-        iterations=17000, batch_size=4, convention="best-lcc", select_from=2200,
-        method_options={"pretrain": 2000 / 17000}, network_options={"dropout": True},
-        source="BCP code/LA_BCP_train.py: 2000 pre-training + 15000 self-training iterations, 4 labeled + 4 unlabeled "
-               "patches, VNet with dropout; the best self-training checkpoint (checked every 200 iterations) tested "
-               "with the largest connected component (test_LA.py --nms 1)"),
-}
-
-
-def apply_paper_settings(args: Any) -> None:
-    """Set the parsed `semiseg benchmark la` arguments to the method's published LA run; options
-    given with --option / --network-option win over the published ones."""
-    settings = PAPER_SETTINGS.get(args.method)
-    if settings is None:
-        raise InputError(f"--paper-settings: none recorded for method '{args.method}' (recorded: {', '.join(sorted(PAPER_SETTINGS))})")
-    args.iterations, args.batch_size, args.select_from = settings.iterations, settings.batch_size, settings.select_from
-    args.convention = settings.convention
-    args.option = [*settings.method_options.items(), *args.option]
-    args.network_option = [*settings.network_options.items(), *args.network_option]
-
-
 def xyz(values: Sequence[int]) -> str:
     return "×".join(str(int(v)) for v in values)
 
@@ -488,17 +452,21 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 PROTOCOL_TRAINING: dict[str, Any] = {"method": "mean-teacher", "network": "vnet", "iterations": 6000, "lr": 0.01, "batch_size": 2}
 
 
-def method_label(training: dict[str, Any]) -> str:
-    """'method (network, options...)': the row name of a run in the tables."""
-    options = [f"{k}={v}" for k, v in {**training.get("network_options", {}), **training.get("method_options", {})}.items()]
+def method_label(training: dict[str, Any], explicit_options: dict[str, Any] | None = None) -> str:
+    """'method (network, options..., preset P)': the row name of a run in the tables; with a preset, only the
+    options given besides it (`explicit_options`) are named."""
+    shown = explicit_options if explicit_options is not None else {**training.get("network_options", {}), **training.get("method_options", {})}
+    options = [f"{k}={v}" for k, v in shown.items()] + ([f"preset {training['preset']}"] if training.get("preset") else [])
     return f"{training['method']} ({training['network']}{', ' + ', '.join(options) if options else ''})"
 
 
 def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict[str, Any] | None = None, *,
                  labeled: str | int = 8, seeds: Sequence[int] = (0,), conventions: Sequence[str] = CONVENTIONS,
-                 preset: str = "la", fast_eval: bool = False, predictor: str | None = None, select_from: int = 800,
+                 geometry: str = "la", fast_eval: bool = False, predictor: str | None = None, select_from: int = 800,
                  select_every: int = 200, smoke_patch: tuple[int, int, int] | None = None,
-                 smoke_stride: tuple[int, int, int] | None = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+                 smoke_stride: tuple[int, int, int] | None = None, progress: ProgressCallback | None = None,
+                 label_options: dict[str, Any] | None = None, resume: bool = False,
+                 time_limit: float | None = None) -> dict[str, Any]:
     """Train one run per seed with the protocol's split and patch, evaluate every convention on the
     test cases, and write OUT/seed-S/ runs, OUT/results.json and OUT/table.md (after each seed).
 
@@ -506,6 +474,9 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
     over PROTOCOL_TRAINING. `progress` receives the trainers' events tagged with their "seed", and
     {"type": "protocol"} (what will run), {"type": "selection"} (a checkpoint checked on the test
     cases) and {"type": "outcome"} (a seed's result under one convention). Returns results.json's content.
+    `geometry` names the patch/stride of PRESETS; `label_options` the options a row's name shows (default: all).
+    `resume` continues each seed's run from its last checkpoint where there is one; `time_limit` (seconds)
+    stops training then, with a resumable last checkpoint, and evaluates what was trained (a GPU check's budget).
     """
     from semiseg.config import TrainConfig
     from semiseg.devices import describe, resolve_device
@@ -515,8 +486,8 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
     from semiseg.training import train
 
     report = progress or (lambda event: None)
-    if preset not in PRESETS:
-        raise InputError(f"preset '{preset}': choose from {', '.join(PRESETS)}")
+    if geometry not in PRESETS:
+        raise InputError(f"geometry '{geometry}': choose from {', '.join(PRESETS)}")
     unknown = sorted(set(conventions) - set(CONVENTIONS))
     if unknown or not conventions:
         raise InputError(f"conventions {', '.join(unknown) or '(none)'}: choose from {', '.join(CONVENTIONS)}")
@@ -524,14 +495,14 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
     split = protocol_split(data, labeled)
     device = resolve_device(training.get("device", "auto"))
     smoke = bool(smoke_patch or smoke_stride)
-    patch_zyx = tuple(smoke_patch) if smoke_patch else PRESETS[preset].patch_zyx
-    settings = eval_settings(PRESETS[preset], fast_eval, patch_zyx, tuple(smoke_stride) if smoke_stride else None)  # type: ignore[arg-type]
+    patch_zyx = tuple(smoke_patch) if smoke_patch else PRESETS[geometry].patch_zyx
+    settings = eval_settings(PRESETS[geometry], fast_eval, patch_zyx, tuple(smoke_stride) if smoke_stride else None)  # type: ignore[arg-type]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "benchmark": "semiseg-la", "preset": PRESETS[preset].name, "smoke": smoke,
+        "benchmark": "semiseg-la", "geometry": PRESETS[geometry].name, "preset": training.get("preset"), "smoke": smoke,
         "method": training["method"], "network": training["network"], "method_options": dict(training.get("method_options", {})),
-        "network_options": dict(training.get("network_options", {})), "method_label": method_label(training),
+        "network_options": dict(training.get("network_options", {})), "method_label": method_label(training, label_options),
         "labeled": len(split.labeled), "unlabeled": len(split.unlabeled) if method_class(training["method"]).uses_unlabeled else 0,
         "split": split.to_dict(), "patch_xyz": xyz(patch_zyx[::-1]), "patch_zyx": xyz(patch_zyx), "iterations": training["iterations"],
         "batch_size": training["batch_size"], "lr": training["lr"], "device": describe(device),
@@ -539,6 +510,7 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
                        "overlap_zyx": list(settings.overlap), "blending": settings.mode, "units": "voxels",
                        "predictor": predictor or "mean of the method's predictors"},
         "selection": {"from": select_from, "every": select_every, "on": "test.list cases, mean Dice without post-processing"},
+        "training": TrainConfig.from_dict({**training, "data": str(data), "output": str(out)}).to_dict(),
         "runs": [],
     }
     report({"type": "protocol", "split": split, "patch_xyz": result["patch_xyz"], "evaluation": settings.description,
@@ -552,6 +524,7 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
             **training, "data": split.root, "output": str(run_dir), "seed": seed, "patch_size": patch_zyx,
             "labeled": [[split.files[i], split.files[i]] for i in split.labeled], "validation": "0",
             "unlabeled_cases": [split.files[i] for i in sorted(split.unlabeled)], "validate_every": select_every,
+            "resume": resume and (run_dir / "last").exists(),
         })
         timing: dict[str, float] = {}
 
@@ -566,7 +539,8 @@ def run_protocol(data: str | os.PathLike, out: str | os.PathLike, training: dict
                     report({"type": "selection", "seed": seed, **selection.history[-1]})
 
         started = time.perf_counter()
-        train(config, on_event)
+        deadline = None if time_limit is None else started + time_limit
+        train(config, on_event, (lambda: time.perf_counter() > deadline) if deadline is not None else None)
         trained = time.perf_counter() - started
         last = run_dir / "last"
         iteration = read_record(last).iteration

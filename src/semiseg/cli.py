@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from semiseg.config import add_arguments, check_arguments, from_arguments
+from semiseg.config import TrainConfig, add_arguments, check_arguments, from_arguments, resolve_settings
 from semiseg.errors import InputError, OutputExistsError, SemisegError
 
 EPILOG = """examples:
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.explicit = explicit_arguments(argv)
     logging.basicConfig(format="semiseg: %(message)s", level=logging.WARNING)
     # File names that are not UTF-8 must print escaped, not stop the command.
     for stream in (sys.stdout, sys.stderr):
@@ -100,6 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semiseg: interrupted", file=sys.stderr)
         return 130
+
+
+def explicit_arguments(argv: list[str] | None) -> set[str]:
+    """The argument destinations the user typed (not argparse defaults): a preset fills the others."""
+    parser = build_parser()
+    _suppress_defaults(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _suppress_defaults(subparser)
+        else:
+            action.default = argparse.SUPPRESS
 
 
 def _one_line(text: str) -> str:
@@ -170,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
     from semiseg.training import train
 
     _check_train_arguments(args)
-    config = from_arguments(args)
+    config = TrainConfig.from_dict(resolve_settings(from_arguments(args).to_dict(), args.explicit))
     stop = {"asked": False}
 
     def interrupt(signum, frame):
@@ -400,7 +417,8 @@ def _methods(args: argparse.Namespace) -> int:
     for name, method in sorted(METHODS.items()):
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items()) or "none"
         default = " (the default)" if name == default_of("method") else ""
-        print(f"{name:18s} {method.summary}{default}\n{'':18s} options: {options}\n{'':18s} measured: {evidence.describe(name)}")
+        print(f"{name:18s} {method.summary}{default}\n{'':18s} paper network: {method.paper_network}; options: {options}\n"
+              f"{'':18s} measured: {evidence.describe(name)}")
     if evidence.benchmark_note():
         print(f"\nmeasured: {evidence.benchmark_note()}")
     return 0
@@ -415,6 +433,7 @@ def _info(args: argparse.Namespace) -> int:
         f"checkpoint: {args.checkpoint}",
         f"method: {record.method}  options: {json.dumps(record.method_options)}",
         f"network: {record.network}  options: {json.dumps(record.network_options)}",
+        f"preset: {(record.train_config or {}).get('preset') or 'none'}",
         f"classes: {', '.join(f'{k}={v}' for k, v in record.class_names.items())}",
         f"patch: {tuple(plan.patch_size)}  target spacing: {plan.target_spacing or 'as each scan'}  normalisation: {plan.normalization}",
         f"data: {record.data}  " + (f"labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, validation {len(split.validation)}, seed {split.seed}" if split else "no split recorded"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from semiseg.errors import InputError
+from semiseg.presets import PRESET_NAMES
 
 # A case given by itself: a case id of the dataset, an image path (unlabeled) or an [image, label]
 # pair of paths (labeled).
@@ -54,8 +55,15 @@ class TrainConfig:
     optimizer: str = _setting("sgd", "optimizer (poly learning-rate decay)", choices=["sgd", "adamw"])
     # The papers use 0.01 over 6000 iterations; 0.05 converges in CPU-sized budgets (300 it: Dice 0.81 vs 0.00 on hippocampus).
     lr: float = _setting(0.05, "initial learning rate", above=0)
+    lr_schedule: str = _setting("poly", "learning-rate decay: poly, step (/10 every 2500 iterations, UA-MT) or constant",
+                                choices=["poly", "step", "constant"])
     weight_decay: float = _setting(1e-4, "weight decay", at_least=0)
     momentum: float = _setting(0.9, "SGD momentum", cli=False)
+    nesterov: bool = _setting(True, "plain SGD momentum instead of Nesterov's (the UA-MT/SSL4MIS code's)", flag="--no-nesterov")
+    augmentation: str = _setting("default", "default (flips, quarter turns, affine, foreground oversampling) or ua-mt "
+                                 "(UA-MT's random crop + rotation/flip)", choices=["default", "ua-mt"])
+    preset: str | None = _setting(None, "a method's published protocol (paper: its paper's optimizer, schedule, iterations, "
+                                  "losses, augmentation, network options); flags given explicitly win", choices=list(PRESET_NAMES))
     validate_every: int = _setting(200, "iterations between validations and last-checkpoint saves", at_least=1)
     log_every: int = _setting(10, "iterations averaged into one log line", at_least=1)
     seed: int = _setting(0, "seed of the split, the initial weights and the patch draws")
@@ -160,6 +168,19 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
             if default is not None:
                 options["help"] += " (default: %(default)s)"
         parser.add_argument(_flag(spec), **options)
+
+
+def resolve_settings(settings: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """TrainConfig fields (as `to_dict` gives them) completed for a run: the method's paper network
+    unless `network` was given, then the fields of `settings["preset"]` that were not given."""
+    from semiseg.methods import method_class
+    from semiseg.presets import apply_preset, resolve_preset
+
+    if "network" not in given:
+        settings = {**settings, "network": method_class(settings["method"]).paper_network}
+    if settings.get("preset"):
+        settings = apply_preset(settings, resolve_preset(settings["method"], settings["preset"]), given)
+    return settings
 
 
 def check_arguments(args: argparse.Namespace) -> None:

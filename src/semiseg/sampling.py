@@ -1,4 +1,5 @@
-"""Training patches: foreground-oversampled crops with MONAI augmentations.
+"""Training patches: foreground-oversampled crops with MONAI augmentations, or (augmentation
+"ua-mt") the UA-MT code's uniform random crop with a random quarter turn and flip in the axial plane.
 
 Every sample is a pure function of (seed, sample index): the index is the global sample counter,
 so a resumed run, any number of loader workers, or any number of DDP ranks draw exactly the
@@ -25,8 +26,11 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset, Sampler
 
+from semiseg.errors import InputError
+
 FOREGROUND_RATIO = 0.33  # nnU-Net's share of patches forced to contain foreground
 FOREGROUND_POINTS = 10_000  # stored candidate centres per class and case
+AUGMENTATIONS = ("default", "ua-mt")
 
 
 @dataclass
@@ -76,15 +80,20 @@ def _strong_intensity() -> Compose:
 class PatchDataset(Dataset):
     """Index i -> one augmented patch drawn with a generator seeded by (seed, i)."""
 
-    def __init__(self, volumes: Volumes, patch_size: tuple[int, int, int], seed: int, augment: bool = True, strong_view: bool = True):
+    def __init__(self, volumes: Volumes, patch_size: tuple[int, int, int], seed: int, augment: bool = True, strong_view: bool = True,
+                 augmentation: str = "default"):
+        if augmentation not in AUGMENTATIONS:
+            raise InputError(f"unknown augmentation '{augmentation}' (use {', '.join(AUGMENTATIONS)})")
         self.volumes = volumes
         self.strong_view = strong_view  # the strong view is ~half of a patch's CPU cost: only for methods that read it
         self.patch_size = np.array(patch_size)
         self.seed = seed
+        self.ua_mt = augment and augmentation == "ua-mt"
         keys = ["image", "label"] if volumes.labels is not None else ["image"]
-        self.spatial = _spatial(keys, tuple(patch_size)) if augment else None
+        self.spatial = _spatial(keys, tuple(patch_size)) if augment and not self.ua_mt else None
         self.strong = _strong_intensity()
-        self.foreground = [_foreground_points(label, seed) for label in volumes.labels] if volumes.labels is not None else None
+        with_foreground = volumes.labels is not None and not self.ua_mt  # UA-MT crops uniformly
+        self.foreground = [_foreground_points(label, seed) for label in volumes.labels] if with_foreground else None
 
     def __len__(self) -> int:
         return 2**62  # indices are sample counters, never exhausted
@@ -101,10 +110,12 @@ class PatchDataset(Dataset):
             if classes:
                 points = classes[int(rng.integers(len(classes)))]
                 centre = points[int(rng.integers(len(points)))]
-        corner = _corner(image.shape, self.patch_size, centre, rng)
-        sample = {"image": _crop(image, self.patch_size, corner)[None].astype(np.float32)}
-        if label is not None:
-            sample["label"] = _crop(label, self.patch_size, corner)[None].astype(np.float32)
+        if self.ua_mt:
+            sample = _ua_mt_patch({"image": image, "label": label}, self.patch_size, rng)
+        else:
+            corner = _corner(image.shape, self.patch_size, centre, rng)
+            sample = {key: _crop(array, self.patch_size, corner) for key, array in (("image", image), ("label", label)) if array is not None}
+        sample = {key: array[None].astype(np.float32) for key, array in sample.items()}
         transform_seed = int(rng.integers(2**31))
         if self.spatial is not None:
             self.spatial.set_random_state(seed=transform_seed)
@@ -116,6 +127,18 @@ class PatchDataset(Dataset):
         if "label" in sample:
             sample["label"] = sample["label"].round().long()
         return sample
+
+
+def _ua_mt_patch(arrays: dict[str, np.ndarray | None], patch: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """UA-MT's RandomRotFlip then RandomCrop: the volume turned by k quarter turns in the axial
+    (y, x) plane and flipped along y or x, then a uniformly placed crop. Cropping first (the patch's
+    y and x sides swapped for odd k) and turning the crop draws the same patches at a patch's cost."""
+    turns, flip_axis = int(rng.integers(4)), int(rng.integers(1, 3))
+    source_patch = patch[[0, 2, 1]] if turns % 2 else patch
+    shape = next(a for a in arrays.values() if a is not None).shape
+    corner = _corner(shape, source_patch, None, rng)
+    return {key: np.ascontiguousarray(np.flip(np.rot90(_crop(array, source_patch, corner), turns, axes=(1, 2)), flip_axis))
+            for key, array in arrays.items() if array is not None}
 
 
 def _foreground_points(label: np.ndarray, seed: int) -> list[np.ndarray]:

@@ -12,7 +12,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,23 +145,21 @@ class Trainer:
     def _make_optimizers(self):
         config = self.config
         optimizers, schedulers = {}, {}
+        self.stage_starts = self.method.stage_starts(config.iterations)
         for name, spec in self.method.optimizers().items():
             params = [p for net in spec.networks for p in self.method.networks[net].parameters()]
             kind = spec.kind or config.optimizer
             lr = spec.lr if spec.lr is not None else config.lr
             decay = spec.weight_decay if spec.weight_decay is not None else config.weight_decay
             if kind == "sgd":
-                optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=decay, nesterov=True)
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=decay, nesterov=config.nesterov)
             elif kind in ("adamw", "adam"):
                 cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
                 optimizer = cls(params, lr=lr, weight_decay=decay, betas=spec.betas or (0.9, 0.999))
             else:
                 raise InputError(f"unknown optimizer '{kind}' (use sgd or adamw)")
-            total = config.iterations
-            poly = (spec.schedule or "poly") == "poly"
-            schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, (lambda it: max(0.0, 1.0 - it / total) ** 0.9) if poly else (lambda it: 1.0)
-            )
+            schedule = spec.schedule or config.lr_schedule
+            schedulers[name] = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, config.iterations, self.stage_starts))
             optimizers[name] = optimizer
         return optimizers, schedulers
 
@@ -180,7 +178,8 @@ class Trainer:
         pin = self.device.type == "cuda"
 
         def loader(volumes: Volumes, seed: int):
-            dataset = PatchDataset(volumes, self.plan.patch_size, seed, strong_view=self.method.uses_strong_view)
+            dataset = PatchDataset(volumes, self.plan.patch_size, seed, strong_view=self.method.uses_strong_view,
+                                   augmentation=config.augmentation)
             batches = IterationBatches(self.iteration, config.iterations, config.batch_size,
                                        self.distribution.rank, self.distribution.world_size)
             # Own generator: creating a loader iterator must not draw from the global RNG that the
@@ -226,6 +225,9 @@ class Trainer:
                 cancelled = True
                 break
             unlabeled = next(unlabeled_batches) if unlabeled_batches is not None else None
+            if self.iteration in self.stage_starts:
+                for optimizer in self.optimizers.values():
+                    optimizer.state.clear()  # a new stage: no momentum (or Adam moments) carried over
             tick = time.perf_counter()
             losses = self._step(self._to_device(labeled), self._to_device(unlabeled) if unlabeled else None)
             if first_step:  # torch.compile compiles during the first step: report what it cost
@@ -354,6 +356,29 @@ class Trainer:
         self.iteration, self.best, self.history = state["iteration"], state["best"], state["history"]
         set_rng_state(state["rng"])
         self.emit({"type": "resume", "iteration": self.iteration})
+
+
+STEP_EVERY, STEP_FACTOR = 2500, 0.1  # UA-MT's lr_ = base_lr * 0.1 ** (iter_num // 2500)
+LR_SCHEDULES = ("poly", "step", "constant")
+
+
+def lr_factor(schedule: str, iterations: int, stage_starts: Sequence[int] = ()) -> Callable[[int], float]:
+    """The multiplier of the initial learning rate for the step after `it` completed iterations.
+    With stage starts, the schedule restarts at each one and runs over that stage's iterations."""
+    if schedule not in LR_SCHEDULES:
+        raise InputError(f"unknown learning-rate schedule '{schedule}' (use {', '.join(LR_SCHEDULES)})")
+    bounds = [0, *sorted(stage_starts), iterations]
+
+    def factor(it: int) -> float:
+        stage = max(i for i in range(len(bounds) - 1) if bounds[i] <= it or i == 0)
+        start, length = bounds[stage], max(bounds[stage + 1] - bounds[stage], 1)
+        if schedule == "poly":
+            return max(0.0, 1.0 - (it - start) / length) ** 0.9
+        if schedule == "step":
+            return STEP_FACTOR ** ((it - start) // STEP_EVERY)
+        return 1.0
+
+    return factor
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:

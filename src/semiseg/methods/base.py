@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from semiseg.errors import InputError
@@ -29,7 +29,7 @@ class OptimizerSpec:
     lr: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
-    schedule: str | None = None  # "poly" | "constant"
+    schedule: str | None = None  # "poly" | "step" | "constant"; None: the run's
 
 
 @dataclass
@@ -67,6 +67,8 @@ class Method(nn.Module):
     find_unused_parameters: ClassVar[bool] = False
     # Method options with their defaults; `semiseg methods` prints them, checkpoints record them.
     defaults: ClassVar[dict[str, Any]] = {}
+    # The network the method's paper trains; the CLI uses it when the user names none.
+    paper_network: ClassVar[str] = "vnet"
 
     def __init__(self, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None):
         super().__init__()
@@ -81,7 +83,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.network_spec = network
         self.networks = nn.ModuleDict()
-        self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.supervised_loss = make_supervised_loss(self.options.get("supervised_loss", "dice+ce"))
 
     def make_network(self, **overrides: Any) -> nn.Module:
         options = {**self.network_spec.options, **overrides}
@@ -94,6 +96,11 @@ class Method(nn.Module):
     def frozen_networks(self) -> set[str]:
         """Networks no optimizer updates (EMA teachers); they are saved but get no gradient."""
         return set()
+
+    def stage_starts(self, iterations: int) -> list[int]:
+        """Iterations at which a new training stage begins: the trainer gives every optimizer a fresh
+        state there and restarts its learning-rate schedule over the stage."""
+        return []
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
         """Loss terms for this step, by name. The trainer back-propagates their sum once and steps
@@ -133,6 +140,36 @@ def sigmoid_rampup(progress: float, length: float) -> float:
         return 1.0
     t = min(max(progress / length, 0.0), 1.0)
     return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+
+def consistency_rampup(step: StepInfo, options: dict[str, Any]) -> float:
+    """The ramp-up factor of a consistency weight: over the `rampup` fraction of the run, or, with
+    `rampup_epochs` set, as the UA-MT/SSL4MIS code computes it, sigmoid_rampup(iteration // 150,
+    rampup_epochs), in "epochs" of 150 iterations (40 of them span UA-MT's 6000 iterations)."""
+    if options.get("rampup_epochs") is not None:
+        return sigmoid_rampup(step.iteration // CODE_EPOCH_ITERATIONS, options["rampup_epochs"])
+    return sigmoid_rampup(step.progress, options["rampup"])
+
+
+CODE_EPOCH_ITERATIONS = 150  # UA-MT's and SSL4MIS's `iter_num // 150`
+
+
+def make_supervised_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The labeled-patch loss on (logits, labels): "dice+ce" (MONAI DiceCE, the project's default),
+    "half-dice+ce" = 0.5 (CE + Dice) as the UA-MT and SSL4MIS code, or "dice" alone. The Dice of the
+    last two is UA-MT's: squared terms in the denominator, foreground classes, over the batch."""
+    if kind == "dice+ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    if kind not in ("half-dice+ce", "dice"):
+        raise InputError(f"supervised_loss '{kind}': use dice+ce, half-dice+ce or dice")
+    dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True, batch=True)
+    if kind == "dice":
+        return dice
+
+    def half_dice_ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (torch.nn.functional.cross_entropy(logits, label[:, 0]) + dice(logits, label))
+
+    return half_dice_ce
 
 
 def linear_rampup(progress: float, length: float) -> float:

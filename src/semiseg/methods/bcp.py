@@ -30,7 +30,10 @@ Choices where the paper is silent, and deviations from the released code:
   inside the patch can be drawn (the code's np.random.randint excludes the last one).
 - More than two classes: pseudo-labels are the argmax (the code thresholds the foreground
   probability at 0.5, the same for two classes) and the largest component is kept per class.
-- Augmentation is the trainer's (the code: random rotation by 90 degrees, flip, crop).
+- Augmentation is the trainer's (the code: random rotation by 90 degrees, flip, crop); `--preset paper`
+  selects UA-MT's, which is the code's, and its 17000 iterations, 4 + 4 batch, dropout VNet and step
+  schedule (over both stages: the code's pre-training lr is constant, and it selects the best
+  self-training checkpoint from iteration 2200 on; `semiseg benchmark la --select-from 2200` does that).
 """
 
 from __future__ import annotations

@@ -69,6 +69,12 @@ Choices where the paper is silent or unclear, and deviations:
 - A step sees the trainer's batch (2 labeled + 2 unlabeled patches by default) in both views, 8
   volumes; the paper's batch was 2 patches in both views.
 - No ramp-up of lambda (the paper has none).
+
+The paper's network is `uxnet` (`paper_network`): the CLI trains on it unless --network names
+another. `--preset paper` (semiseg.presets) sets §3.2 literally: AdamW lr 1e-4 (the method's own
+optimizer, constant), two training samples a step, each in a weak and a strong view (batch 4: the
+trainer's batch 1 labeled + 1 unlabeled), UA-MT's random crop (+ rotation/flip, "following [23]"),
+fp32. Its "4000 epochs" give no iteration count (epoch size unstated): the run's --iterations stays.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ class DKUXNet(Method):
     uses_strong_view = True
     summary = "kMaX decoder on a UX-Net (--network uxnet), InfoNCE between weak/strong views of outputs and query distributions."
     find_unused_parameters = True  # for DistributedDataParallel: with semantic_weight 0 the backbone's 1x1 head gets no gradient
+    paper_network = "uxnet"
     defaults = {
         "contrast_weight": 0.1,  # lambda
         "temperature": 0.1,  # tau

@@ -72,6 +72,15 @@ so they train nothing; here every term has live gradients):
   0.1 on data like this; the default stays the paper's.
 Ablation switches `use_regularization` and `use_contrastive` drop L_reg and L_c (the paper's
 ablation rows).
+
+`--preset paper` (semiseg.presets) sets Sec. 4 literally: lambda_c as printed
+(`contrast_schedule="printed"`), lambda_u = 1, SGD (momentum 0.9, weight decay 1e-4, no Nesterov),
+lr 0.01 divided by 10 every 2500 iterations for 6000 iterations, batch 2 + 2, and from the MCF code
+it follows, VNet + ResNet subnets with Dropout3d(0.5), the crop + rotation/flip augmentation, fp32.
+NOT implemented: the paper's "K-fold cross-validation recommended by [7]" (MCF): one model per
+fold of the LA cases, the table the mean over folds. It replaces the fixed train.list/test.list
+split of `semiseg benchmark la` and needs one run per fold; its numbers are not comparable with
+the fixed-split ones.
 """
 
 from __future__ import annotations

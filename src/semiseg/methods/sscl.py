@@ -34,10 +34,20 @@ Choices where the paper is silent (each a reason):
   starts the formal stage as a copy of the student. Set `pretrain: 0` to train all terms from the start.
 - EMA warm-up as in the UA-MT / Mean Teacher code: alpha_t = min(1 - 1/(t + 1), ema_alpha), t
   counting formal-stage iterations from 0 (so t = 0 copies the student); Eq. 10 holds from then on.
+  `pretrain_stage: true` makes the pre-training its own stage as in BCP's two scripts: at the formal
+  stage's first iteration every optimizer starts afresh (no momentum carried over) and the
+  learning-rate schedule restarts over the formal stage's iterations.
 - lambda is constant (the paper gives no ramp-up).
 - Optimizers: the paper's SGD (lr 0.01, momentum 0.9, weight decay 1e-4) for both the student and R
   is the run's optimizer setting (`--lr 0.01` to match; the trainer's SGD is Nesterov with a poly
   schedule, the paper names neither).
+
+`--preset paper` (semiseg.presets) sets Sec. 4.2 literally: 34000 iterations, the first 4000 a
+pre-training stage of their own (`pretrain_stage`), SGD lr 0.01, momentum 0.9, weight decay 1e-4
+without Nesterov; the paper names no schedule and says "initial learning rate", read as BCP's
+(whose pre-train/self-train wording it shares) lr / 10 every 2500 iterations, restarted in each
+stage (BCP keeps its pre-training rate constant); from the UA-MT code whose VNet it adopts,
+Dropout3d(0.5) and the crop + rotation/flip augmentation ("rotation, and flip operations"); fp32.
 """
 
 from __future__ import annotations
@@ -95,6 +105,7 @@ class SSCL(Method):
         "spectral": True,  # FFC, Table 4
         "pretrain": round(4 / 34, 4),  # fraction of the run before L_unsup (4k of 4k + 30k iterations)
         "noise": 0.1,  # teacher input noise std (UA-MT code)
+        "pretrain_stage": False,  # True: fresh optimizers and a restarted lr schedule when pre-training ends
     }
 
     def __init__(self, *args, **kwargs):
@@ -119,6 +130,10 @@ class SSCL(Method):
 
     def _pretrain_iterations(self, step: StepInfo) -> int:
         return int(round(self.options["pretrain"] * step.iterations))
+
+    def stage_starts(self, iterations: int) -> list[int]:
+        formal = self._pretrain_iterations(StepInfo(0, iterations))
+        return [formal] if self.options["pretrain_stage"] and 0 < formal < iterations else []
 
     def pseudo_label_loss(self, logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """Dice + CE against the teacher's argmax, over voxels where its confidence reaches the threshold."""

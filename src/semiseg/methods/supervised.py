@@ -1,4 +1,9 @@
-"""Supervised-only baseline: one network trained on the labeled patches, unlabeled scans unused."""
+"""Supervised-only baseline: one network trained on the labeled patches, unlabeled scans unused.
+
+`--preset paper` (semiseg.presets) sets UA-MT's train_LA.py literally: the VNet with
+Dropout3d(0.5), 0.5 (CE + Dice), batch 4 labeled patches, SGD without Nesterov, lr 0.01 divided
+by 10 every 2500 iterations, 6000 iterations, crop + rotation/flip augmentation, fp32.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ class Supervised(Method):
     name = "supervised"
     summary = "Labeled data only (Dice + cross-entropy); the lower bound semi-supervised methods must beat."
     uses_unlabeled = False
+    defaults = {"supervised_loss": "dice+ce"}  # or "half-dice+ce" (UA-MT's code), "dice"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

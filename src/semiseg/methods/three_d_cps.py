@@ -36,6 +36,11 @@ Differences from the paper, or where it is silent:
 - lambda rises per iteration, not per nnU-Net epoch of 250 iterations.
 - Augmentation is the project's sampler (flips, quarter turns, affine; nnU-Net's 1/3 foreground
   oversampling), not nnU-Net's full pipeline.
+The paper's network is `residual-unet` (`paper_network`): the CLI trains on it unless --network
+names another. `--preset paper` (semiseg.presets) sets Table 2 literally where the trainer can:
+1000 epochs of nnU-Net's 250 iterations (250000), SGD lr 0.01, weight decay 3e-5 (the method's
+options), batch 2 + 2, mixed precision as nnU-Net; the schedule stays poly (ReduceLROnPlateau
+needs a validation loss the trainer does not compute).
 The authors' released code differs from the paper text; it is not followed here except where noted:
 nnU-Net v1 plain U-Net (`--network plain-unet`), SGD with Nesterov momentum 0.99 and gradient
 clipping at 12, CPS on labeled and unlabeled at every deep-supervision scale, lambda = (epoch + 1) /
@@ -66,6 +71,7 @@ class ThreeDCrossPseudoSupervision(Method):
     name = "3d-cps"
     summary = "Two nnU-Nets with own optimizers, Dice+CE cross pseudo supervision, lambda linear to 0.5 (Huang et al.)."
     inference_overlap = 0.3  # nnU-Net's step 0.7 of the patch
+    paper_network = "residual-unet"
     find_unused_parameters = True  # the lowest deep-supervision head has weight 0, as in nnU-Net
     defaults = {
         "cps_weight": 0.5,  # lambda after the ramp, Sec. 2.2

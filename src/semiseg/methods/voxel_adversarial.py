@@ -43,6 +43,11 @@ Choices where the paper is silent, and deviations:
 - The BYOL projection and prediction MLPs are BYOL's Linear-BN-ReLU-Linear, all widths 64.
 - Predictors: student and teacher, as the project's `mean-teacher` (the paper infers with "the
   VNet" alone; the pair gives a disagreement map at no training cost).
+`--preset paper` (semiseg.presets) sets Sec. IV-B literally: Dice alone on the labeled patches
+(Eq. 4, UA-MT's squared-denominator Dice), SGD (momentum 0.9, weight decay 1e-4, no Nesterov),
+lr 0.01 divided by 10 every 2500 iterations for 6000 iterations, the student alone at inference
+("only the VNet"), fp32; from the UA-MT code it builds on, the VNet with Dropout3d(0.5) and the
+crop + rotation/flip augmentation.
 Ablation (Table IV): `use_adversarial`, `use_feature`, `use_consistency` switch each term off;
 switched-off parts are not built (no discriminator, no feature layers) and not logged.
 """
@@ -84,7 +89,8 @@ class VoxelAdversarial(MeanTeacher):
     summary = ("Mean Teacher + voxel-wise feature discriminator (labeled real, unlabeled fake, per class) "
                "+ BYOL voxel representation learning.")
     defaults = {
-        **MeanTeacher.defaults,
+        # gamma(t) is the paper's per-iteration ramp: the UA-MT code's epoch ramp does not apply.
+        **{key: value for key, value in MeanTeacher.defaults.items() if key != "rampup_epochs"},
         "consistency": 0.001,  # gamma's scale (paper)
         "rampup": 1.0,  # gamma(t) = 0.001 exp(-5 (1 - t/t_max)^2): the warm-up spans the run
         "alpha": 0.01,  # L_adv weight (paper)
