@@ -1,6 +1,7 @@
 """The one prepared GPU check: run it when a GPU machine is lent, never in CI.
 
-  python benchmarks/gpu_check.py --out $OUT/results [--budget 540] [--resume-from DIR]
+  python benchmarks/gpu_check.py --out $OUT/results [--budget 540] [--la-data DIR] [--resume-from DIR]
+  python benchmarks/gpu_check.py --make-la-subset la-subset   # here, before: a subset small enough to travel
 
 Within --budget seconds (default 9 minutes, the device tool's per-session allowance less start-up), in order:
 1. the CUDA tests (`pytest -m gpu`: tests/test_gpu.py) -> gpu_tests.json;
@@ -12,6 +13,10 @@ Within --budget seconds (default 9 minutes, the device tool's per-session allowa
    to continue where it stopped).
 Every phase writes its file as soon as it ends, so a run cut short still leaves what it measured. Without a
 CUDA device the script refuses with one line and exit status 2 and writes nothing.
+
+The device machine gets the repository only (64 MiB), not ../shared/data: `--make-la-subset DIR` copies the
+first 16 train.list cases (8 labeled + 8 unlabeled) and 4 test.list cases with their lists (about 45 MB) into
+DIR (keep it git-ignored and name it in the run's carry); the LA rows it gives say how many cases they saw.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LA_DATA = ROOT.parent / "shared" / "data" / "la" / "2018LA_Seg_Training Set"
+LA_DATA = ROOT.parent / "shared" / "data" / "la"
 
 
 def write(out: Path, name: str, data: dict) -> None:
@@ -65,16 +70,35 @@ def run_throughput(out: Path, seconds: float) -> None:
     shutil.copy(results / "throughput.md", out / "gpu_throughput.md")
 
 
-def run_la(out: Path, seconds: float, resume_from: Path | None) -> None:
+def make_la_subset(target: Path, train_cases: int = 16, test_cases: int = 4) -> None:
+    """The LA folder layout with the first train.list and test.list cases, for a machine without ../shared."""
+    from semiseg.benchmark_la import TEST_LIST, TRAIN_LIST, protocol_split
+
+    split = protocol_split(LA_DATA, 8)
+    chosen = {TRAIN_LIST: split.train_listed[:train_cases], TEST_LIST: split.test_listed[:test_cases]}
+    for list_name, ids in chosen.items():
+        for case_id in ids:
+            source = Path(split.files[case_id])
+            destination = target / source.parent.relative_to(LA_DATA)
+            destination.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, destination / source.name)
+        (target / list_name).write_text("".join(f"{case_id}\n" for case_id in ids))
+    print(f"gpu_check: {target}: {len(chosen[TRAIN_LIST])} train and {len(chosen[TEST_LIST])} test cases", flush=True)
+
+
+def run_la(out: Path, seconds: float, resume_from: Path | None, data: Path) -> None:
     from semiseg import benchmark_la as la
 
     run = out / "la-run"
     if resume_from is not None and resume_from.resolve() != run.resolve():
         shutil.copytree(resume_from, run, dirs_exist_ok=True)
     started = time.perf_counter()
-    result = la.run_protocol(data=LA_DATA.parent, out=run, method="mean-teacher", labeled="8", iterations=6000, seeds=[0],
-                             device="cuda", resume=(run / "seed-0" / "last").exists(), time_limit=seconds,
-                             progress=lambda line: print(line, flush=True))
+    def show(event: dict) -> None:
+        if event["type"] in ("validation", "selection", "outcome", "end", "cancelled", "resume"):
+            print(json.dumps({k: v for k, v in event.items() if k != "cases"}, default=str), flush=True)
+
+    result = la.run_protocol(data, run, {"method": "mean-teacher", "iterations": 6000, "device": "cuda", "overwrite": True},
+                             labeled=8, seeds=[0], resume=True, time_limit=seconds, progress=show)
     write(out, "gpu_la.json", {"seconds": time.perf_counter() - started, "result": result})
 
 
@@ -83,7 +107,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for gpu_*.json and la-run/")
     parser.add_argument("--budget", type=float, default=540, help="seconds for all phases together (default 540)")
     parser.add_argument("--resume-from", type=Path, help="an la-run/ folder brought back from an earlier check")
+    parser.add_argument("--la-data", type=Path, default=LA_DATA, help="the LA folder (train.list, test.list, case folders)")
+    parser.add_argument("--make-la-subset", type=Path, metavar="DIR", help="copy a travelling LA subset to DIR and exit")
     args = parser.parse_args()
+    if args.make_la_subset:
+        make_la_subset(args.make_la_subset)
+        return 0
     import torch
 
     if not torch.cuda.is_available():
@@ -96,7 +125,7 @@ def main() -> int:
     run_throughput(args.out, min(240.0, deadline - time.perf_counter()))
     left = deadline - time.perf_counter() - 20  # keep a margin for writing the results
     if left > 60:
-        run_la(args.out, left, args.resume_from)
+        run_la(args.out, left, args.resume_from, args.la_data)
     else:
         print(f"gpu_check: {left:.0f} s left, the LA run is skipped", flush=True)
     return 0

@@ -45,7 +45,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"
 NOTES_MARKER = "<!-- notes: text below this line is kept when the tables are rendered again -->"
 
-METHODS = ["supervised", "mean-teacher", "cps", "sscl", "3d-cps", "dual-subnet", "voxel-adversarial", "dk-uxnet"]
+METHODS = ["supervised", "mean-teacher", "cps", "bcp", "sscl", "3d-cps", "dual-subnet", "voxel-adversarial", "dk-uxnet"]
 
 # Per dataset: data folder, labeled split, patch (None: the plan's), and per-method network settings.
 # CPU-sized networks on hippocampus (as in hippocampus_cpu.py); the papers' sizes on LA.
@@ -60,7 +60,7 @@ SETTINGS = {
         },
     },
     "la": {
-        "data": [SHARED / "la"],
+        "data": [SHARED / "la", ROOT / "la-subset"],  # la-subset: gpu_check.py --make-la-subset, for a machine without ../shared
         "labeled": "8", "patch": (80, 112, 112), "device": "cuda",
         "networks": {
             "default": ("vnet", {}, {}),

@@ -267,3 +267,17 @@ def test_bcp_paper_preset_gives_its_published_la_run_and_explicit_options_win():
     method = build_method("bcp", 1, 2, NetworkSpec(settings["network"], settings["network_options"]), settings["method_options"])
     assert method.networks["student"].dropout.p == 0.5
     assert [method.pretraining(StepInfo(i, settings["iterations"])) for i in (1999, 2000)] == [True, False]
+
+
+def test_a_run_stopped_at_its_time_limit_resumes_where_it_stopped(la_tree, tmp_path):
+    """The GPU check trains in slices of its time budget: each call continues the last one's run."""
+    training = {"method": "supervised", "iterations": 6, "network_options": {"base_filters": 4}, "workers": 0,
+                "device": "cpu", "log_every": 1}
+    common = dict(labeled=1, conventions=("last",), smoke_patch=(16, 32, 32), smoke_stride=(8, 32, 32), select_every=2)
+    first = la.run_protocol(la_tree, tmp_path / "run", training, time_limit=0.0, **common)
+    stopped_at = first["runs"][0]["conventions"]["last"]["iteration"]
+    assert stopped_at < 6
+    resumed = la.run_protocol(la_tree, tmp_path / "run", training, resume=True, **common)
+    assert resumed["runs"][0]["conventions"]["last"]["iteration"] == 6
+    log = [json.loads(line) for line in (tmp_path / "run" / "seed-0" / "log.jsonl").read_text().splitlines()]
+    assert {"type": "resume", "iteration": stopped_at}.items() <= next(e for e in log if e["type"] == "resume").items()
