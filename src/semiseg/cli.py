@@ -303,6 +303,7 @@ def _predict_targets(inputs: list[Path], out: Path, args: argparse.Namespace, mo
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from semiseg.compatibility import mismatch_warnings
     from semiseg.devices import describe, resolve_device
     from semiseg.io import Volume, read_volume, write_volume
     from semiseg.models import load_model
@@ -326,6 +327,8 @@ def _predict(args: argparse.Namespace) -> int:
         for path, targets in zip(tqdm(inputs, desc="predicting", unit="scan", disable=len(inputs) == 1), all_targets):
             try:
                 volume = read_volume(path)
+                for warning in mismatch_warnings(volume, model.plan, source=path):
+                    tqdm.write(f"semiseg: warning: {warning}", file=sys.stderr)
                 try:
                     prediction = predict_volume(volume, model.plan, model.predictors(), device, model.overlap if args.overlap is None else args.overlap, args.tta)
                 except RuntimeError as error:

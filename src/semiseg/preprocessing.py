@@ -17,7 +17,10 @@ from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_volume
 
 CT_PERCENTILES = (0.5, 99.5)
+# The raw intensity range recorded for the mismatch warnings: robust low end, median, robust high end.
+TRAINING_PERCENTILES = (0.5, 50.0, 99.5)
 VOXELS_SAMPLED_PER_SCAN = 20_000
+_TRAINING_STATISTICS = ("training_percentiles", "training_spacing_range")
 
 
 @dataclass
@@ -29,6 +32,11 @@ class Plan:
     intensity_clip: tuple[float, float] | None = None
     intensity_mean: float = 0.0
     intensity_std: float = 1.0
+    # What the training scans looked like, for warnings only (None in plans written before they were
+    # recorded): raw-intensity percentiles TRAINING_PERCENTILES pooled over the training scans, and
+    # the smallest and largest (z, y, x) spacing in mm among them.
+    training_percentiles: tuple[float, float, float] | None = None
+    training_spacing_range: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -37,6 +45,9 @@ class Plan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["class_names"] = {str(k): v for k, v in self.class_names.items()}
+        for key in _TRAINING_STATISTICS:
+            if data[key] is None:
+                del data[key]  # an older plan is written back as it was read
         return data
 
     @classmethod
@@ -44,14 +55,18 @@ class Plan:
         data = dict(data)
         data["class_names"] = {int(k): v for k, v in data["class_names"].items()}
         data["patch_size"] = tuple(data["patch_size"])
-        for key in ("target_spacing", "intensity_clip"):
+        for key in ("target_spacing", "intensity_clip", "training_percentiles"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
+        if data.get("training_spacing_range") is not None:
+            data["training_spacing_range"] = tuple(tuple(bound) for bound in data["training_spacing_range"])
         return cls(**data)
 
     def key(self) -> str:
-        """Identifies what preprocessing produced a cached array (the patch size does not matter)."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in ("patch_size", "class_names")}
+        """Identifies what preprocessing produced a cached array (the patch size, classes and the
+        training statistics kept for warnings do not matter)."""
+        ignored = ("patch_size", "class_names", *_TRAINING_STATISTICS)
+        fields = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     # Images ---------------------------------------------------------------------------------
@@ -163,15 +178,27 @@ def compute_plan(
         raise InputError(f"patch size {patch_size} must be a multiple of {size_multiple} on every side for this network")
 
     plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore")
+    samples = training_intensity_samples([by_id[i] for i in train_ids])
+    plan.training_percentiles = tuple(float(v) for v in np.percentile(samples, TRAINING_PERCENTILES))
+    plan.training_spacing_range = spacing_range(spacings)
     if dataset.modality == "CT":
         # As 3D-CPS does: intensity statistics from all voxels of all training scans, unlabeled included.
-        samples = np.concatenate([_sample_voxels(read_volume(by_id[i].image).array, i) for i in train_ids])
         lo, hi = np.percentile(samples, CT_PERCENTILES)
         clipped = np.clip(samples, lo, hi)
         plan.normalization = "ct"
         plan.intensity_clip = (float(lo), float(hi))
         plan.intensity_mean, plan.intensity_std = float(clipped.mean()), float(clipped.std())
     return plan
+
+
+def training_intensity_samples(cases: list[Case]) -> np.ndarray:
+    """Raw voxel values sampled from each case's image (at most VOXELS_SAMPLED_PER_SCAN per scan), pooled."""
+    return np.concatenate([sample_voxels(read_volume(case.image).array, case.case_id) for case in cases])
+
+
+def spacing_range(spacings_zyx: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(smallest, largest) spacing on each (z, y, x) axis of an (N, 3) array of spacings."""
+    return tuple(float(v) for v in spacings_zyx.min(axis=0)), tuple(float(v) for v in spacings_zyx.max(axis=0))  # type: ignore[return-value]
 
 
 def _header(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
@@ -183,7 +210,7 @@ def _header_by_reading(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
     return volume.geometry, volume.shape
 
 
-def _sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
+def sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
     flat = array.reshape(-1).astype(np.float32)
     if flat.size <= VOXELS_SAMPLED_PER_SCAN:
         return flat
