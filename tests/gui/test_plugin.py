@@ -772,3 +772,17 @@ def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpo
     click(qtbot, export.export_checked)
     assert "no label layer to export" in messages["error"][-1]
     assert all("\n" not in text for text in messages["error"]) and len(messages["error"]) == 6
+
+
+@pytest.mark.skipif(not (SHARED / "samples" / "example_ct_sm.nii.gz").is_file(), reason="needs /work/shared/data")
+def test_segment_warns_when_the_scan_does_not_fit_the_model_and_still_segments(make_napari_viewer, qtbot, messages):
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(SHARED / "samples" / "example_ct_sm.nii.gz"), plugin=PLUGIN)[0]
+    widget = segment_widget(viewer, REPO / "resources" / "models" / "default")
+    widget.image.set_layer(ct)
+    click(qtbot, widget.buttons.start)
+    assert len(messages["warning"]) == 2, messages["warning"]
+    assert "look like CT" in messages["warning"][0] and "spacing" in messages["warning"][1]
+    assert widget.buttons.status.text().count("warning: ") == 2
+    wait_job(qtbot, widget)
+    assert messages["error"] == [] and f"{ct.name} prediction" in viewer.layers

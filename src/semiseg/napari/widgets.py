@@ -41,9 +41,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from semiseg.compatibility import mismatch_warnings
 from semiseg.config import default_of, parse_options
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import Volume
+from semiseg.models import read_record
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari._qt_common import CheckpointPicker, DevicePicker, FolderField, LayerChoice, Sparkline, ThreadJob
 from semiseg.napari.layers import (
@@ -56,6 +58,7 @@ from semiseg.napari.layers import (
     jsonable_names,
     label_features,
     labels_array,
+    names_from_metadata,
     volume_from_layer,
 )
 from semiseg.napari.placement import TRANSFORM_KEYS, placement_of
@@ -296,13 +299,17 @@ class SegmentWidget(QWidget):
                 reference = np.array(np.asarray(reference_layer.data), copy=True)
                 if reference.shape != volume.shape:
                     raise InputError(f"the reference '{reference_layer.name}' has shape {reference.shape}, the scan {volume.shape}; choose the scan's label map")
+            warnings = mismatch_warnings(volume, read_record(checkpoint).plan, source=layer.metadata.get("source_path"),
+                                         reference_class_names=names_from_metadata(reference_layer.metadata) if reference_layer is not None else None)
         except SemisegError as error:
             show_error(f"semiseg: {_one_line(error)}")
             self.buttons.status.setText(f"not started: {_one_line(error)}")  # never an earlier run's outcome
             return
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
-        self.buttons.status.setText(f"segmenting '{layer.name}' on {device}…")
+        for warning in warnings:
+            show_warning(f"semiseg: {warning}")
+        self.buttons.status.setText("\n".join([f"segmenting '{layer.name}' on {device}…"] + [f"warning: {w}" for w in warnings]))
         self.table.setVisible(False)
         self.errors.setText("")
         function = _segment_function(volume, checkpoint, device, self.tta.isChecked(), reference)
