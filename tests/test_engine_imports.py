@@ -13,7 +13,7 @@ ENGINE_MODULES = [
     "semiseg", "semiseg.io", "semiseg.datasets", "semiseg.preprocessing", "semiseg.sampling", "semiseg.networks",
     "semiseg.methods", "semiseg.training", "semiseg.inference", "semiseg.metrics", "semiseg.checkpoint",
     "semiseg.models", "semiseg.cli", "semiseg.devices", "semiseg.model_export", "semiseg.config", "semiseg.benchmark_la", "semiseg.benchmark_cli",
-    "semiseg.distributed",
+    "semiseg.distributed", "semiseg.regions",
 ]
 GUI_PREFIXES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 
