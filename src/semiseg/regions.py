@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from semiseg.errors import InputError
+from semiseg.inference import Prediction
 from semiseg.io import Geometry, Volume
 
 # Half the maximal uncertainty: the model is nearer to a guess than to a decision (for 3 classes, a
@@ -83,6 +84,13 @@ def uncertain_regions(
                bounding_box=tuple((s.start, s.stop) for s in boxes[i]))
         for rank, i in enumerate(kept, start=1)
     ]
+
+
+def prediction_regions(prediction: Prediction, class_names: Mapping[int, str], **options) -> tuple[str, list[Region]]:
+    """The regions of a prediction's disagreement map when it has two networks (their conflict is the
+    sharper signal), else of its entropy; with the map's name."""
+    name, uncertainty = ("disagreement", prediction.disagreement) if prediction.disagreement is not None else ("entropy", prediction.entropy)
+    return name, uncertain_regions(uncertainty, prediction.labels, class_names, **options)
 
 
 def _dominant_class(components: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
