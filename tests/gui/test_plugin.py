@@ -416,6 +416,8 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     for row, class_id in enumerate((1, 2)):
         assert widget.table.item(row, 0).text() == {1: "Anterior", 2: "Posterior"}[class_id]
         assert widget.table.item(row, 1).text() == f"{expected[class_id]['dice']:.3f}"
+    # A two-network model's regions come from its disagreement map.
+    assert "disagreement >" in widget.regions.title.text() and widget.regions.table.rowCount() == len(widget.regions.regions)
     print(f"\nclick to prediction on CPU: {widget.last_seconds:.2f} s")
 
     # Segmenting again updates the unedited prediction in place; an edited one is kept.
