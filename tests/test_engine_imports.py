@@ -10,10 +10,10 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENGINE_MODULES = [
-    "semiseg", "semiseg.io", "semiseg.datasets", "semiseg.preprocessing", "semiseg.sampling", "semiseg.networks",
+    "semiseg", "semiseg.regions", "semiseg.io", "semiseg.datasets", "semiseg.preprocessing", "semiseg.sampling", "semiseg.networks",
     "semiseg.methods", "semiseg.training", "semiseg.inference", "semiseg.metrics", "semiseg.checkpoint",
     "semiseg.models", "semiseg.cli", "semiseg.devices", "semiseg.model_export", "semiseg.config", "semiseg.benchmark_la", "semiseg.benchmark_cli",
-    "semiseg.distributed", "semiseg.compatibility",
+    "semiseg.distributed", "semiseg.postprocessing", "semiseg.presets", "semiseg.compatibility",
 ]
 GUI_PREFIXES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
 

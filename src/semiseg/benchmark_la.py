@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from semiseg.datasets import LA_FILE, Case
 from semiseg.errors import InputError
 from semiseg.metrics import METRICS, case_metrics, dice, mean_sd
+from semiseg.postprocessing import largest_component
 
 CONVENTIONS = ("last", "best-lcc")
 TRAIN_LIST, TEST_LIST = "train.list", "test.list"
@@ -192,24 +192,6 @@ def eval_settings(preset: Preset, fast: bool, patch_zyx: tuple[int, int, int] | 
     stride = tuple(stride_zyx or preset.stride_zyx)
     return EvalSettings(patch, overlap_for_stride(patch, stride), "constant", "protocol",  # type: ignore[arg-type]
                         f"protocol: window {xyz(patch[::-1])}, stride {xyz(stride[::-1])} (x,y,z), windows averaged")
-
-
-def largest_component(labels: np.ndarray) -> np.ndarray:
-    """Keep, for each foreground class, only its largest 26-connected component (what the papers'
-    getLargestCC does with skimage.measure.label's default full connectivity)."""
-    labels = np.asarray(labels)
-    out = np.zeros_like(labels)
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        components, count = ndimage.label(labels == value, structure=structure)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        out[components == int(sizes.argmax())] = value
-    return out
 
 
 def case_rows(case_id: str, prediction: np.ndarray, label: np.ndarray, class_names: dict[int, str]) -> list[dict]:

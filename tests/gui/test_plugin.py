@@ -17,7 +17,7 @@ from napari.layers import Image, Labels  # noqa: E402
 from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from semiseg.checkpoint import read_meta  # noqa: E402
-from semiseg.io import read_volume  # noqa: E402
+from semiseg.io import Volume, read_volume  # noqa: E402
 from semiseg.metrics import case_metrics  # noqa: E402
 from semiseg.models import load_model  # noqa: E402
 from semiseg.napari.placement import layer_world_matrix  # noqa: E402
@@ -416,6 +416,8 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     for row, class_id in enumerate((1, 2)):
         assert widget.table.item(row, 0).text() == {1: "Anterior", 2: "Posterior"}[class_id]
         assert widget.table.item(row, 1).text() == f"{expected[class_id]['dice']:.3f}"
+    # A two-network model's regions come from its disagreement map.
+    assert "disagreement >" in widget.regions.title.text() and widget.regions.table.rowCount() == len(widget.regions.regions)
     print(f"\nclick to prediction on CPU: {widget.last_seconds:.2f} s")
 
     # Segmenting again updates the unedited prediction in place; an edited one is kept.
@@ -772,6 +774,56 @@ def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpo
     click(qtbot, export.export_checked)
     assert "no label layer to export" in messages["error"][-1]
     assert all("\n" not in text for text in messages["error"]) and len(messages["error"]) == 6
+
+
+def test_segment_lists_uncertain_regions_and_goes_to_the_one_clicked(make_napari_viewer, qtbot, messages):
+    import SimpleITK as sitk
+
+    from semiseg.napari._sample_data import HIPPOCAMPUS_IMAGE
+    from semiseg.regions import DEFAULT_THRESHOLD, uncertain_regions
+
+    viewer = make_napari_viewer()
+    image, _ = viewer.open_sample(PLUGIN, "hippocampus")
+    widget = segment_widget(viewer, REPO / "resources" / "models" / "default")
+    widget.image.set_layer(image)
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    assert messages["error"] == []
+    prediction, entropy = viewer.layers[f"{image.name} prediction"], viewer.layers[f"{image.name} entropy"]
+
+    # The list holds the regions of the entropy map shown (the default model has one network), in rank order.
+    listed = widget.regions
+    geometry = read_volume(HIPPOCAMPUS_IMAGE).geometry
+    names = {int(k): v for k, v in prediction.metadata["class_names"].items()}
+    expected = uncertain_regions(Volume(np.asarray(entropy.data), geometry), Volume(np.asarray(prediction.data), geometry), names)
+    assert listed.isVisibleTo(widget) and len(expected) >= 2 and listed.table.rowCount() == len(expected)
+    assert f"entropy > {DEFAULT_THRESHOLD:g}" in listed.title.text()
+    for row, region in enumerate(expected):
+        cells = [listed.table.item(row, column).text() for column in range(4)]
+        assert cells == [str(row + 1), region.class_name, f"{region.volume_ml:.3f}", f"{region.uncertainty_sum:.1f}"]
+
+    # Clicking a row puts the viewer's current point at that region's centre, in world (physical) coordinates.
+    row = 1
+    rect = listed.table.visualItemRect(listed.table.item(row, 1))
+    qtbot.mouseClick(listed.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert listed.selected() == expected[row]
+    # napari shows whole slices, so the point is the centre's voxel: within half a voxel of the centre.
+    centre_voxel = np.rint(expected[row].centre_voxel)
+    np.testing.assert_allclose(viewer.dims.point, image.data_to_world(centre_voxel), atol=1e-6)
+    itk = sitk.ReadImage(str(HIPPOCAMPUS_IMAGE)).TransformContinuousIndexToPhysicalPoint(centre_voxel[::-1].tolist())
+    np.testing.assert_allclose(np.asarray(viewer.dims.point)[::-1], itk, atol=1e-6)  # world = the scan's ITK physical space
+    spacing = np.asarray(geometry.spacing_zyx)
+    assert np.all(np.abs(np.asarray(viewer.dims.point) - image.data_to_world(expected[row].centre_voxel)) <= spacing / 2 + 1e-6)
+    camera = getattr(viewer, "scene", viewer).camera
+    np.testing.assert_allclose(camera.center[-2:], np.asarray(viewer.dims.point)[list(viewer.dims.displayed)], atol=1e-6)
+
+    # Accept marks it reviewed; Correct selects the prediction for painting with the region's class.
+    click(qtbot, listed.accept)
+    assert listed.table.item(row, 0).text().startswith(listed.REVIEWED)
+    click(qtbot, listed.correct)
+    assert viewer.layers.selection.active is prediction and prediction.mode == "paint"
+    if expected[row].class_id:
+        assert prediction.selected_label == expected[row].class_id
 
 
 @pytest.mark.skipif(not (SHARED / "samples" / "example_ct_sm.nii.gz").is_file(), reason="needs /work/shared/data")

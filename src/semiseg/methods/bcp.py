@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 
-from semiseg.benchmark_la import largest_component
+from semiseg.postprocessing import largest_component
 from semiseg.errors import InputError
 from semiseg.methods.base import Batch, Method, StepInfo, ema_update
 

@@ -20,6 +20,7 @@ import torch
 from semiseg.inference import Prediction, predict_volume
 from semiseg.io import Volume
 from semiseg.napari.layers import error_counts, error_map, metrics_rows
+from semiseg.regions import Region, prediction_regions
 
 Progress = Callable[[dict[str, Any]], None]
 SW_BATCH_SIZE = 2
@@ -43,6 +44,8 @@ class SegmentResult:
     error_counts: dict[str, int] | None = None
     metrics: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    regions_map: str = "entropy"  # the uncertainty map the regions are components of
+    regions: list[Region] = field(default_factory=list)
 
     @property
     def score(self) -> float:
@@ -118,6 +121,7 @@ def segment(
     class_names = dict(model.plan.class_names)
     result = SegmentResult(prediction, class_names, model.path, model.record.weights_sha256, model.record.method,
                            str(device), 0.0, tta, timings=timings)
+    result.regions_map, result.regions = prediction_regions(prediction, class_names)
     if reference is not None:
         if should_stop():
             raise Cancelled()
