@@ -293,6 +293,7 @@ def plot_dice_vs_count(runs: list[dict], plt) -> None:
                       markersize=4, capsize=3, label=f"{method} ({network}, {iterations} it)")
     axis.set_xscale("log")
     ticks = sorted({c for points in lines.values() for c in points})
+    axis.minorticks_off()  # a log axis would label minor ticks like 6x10^0
     axis.set_xticks(ticks, [str(c) for c in ticks])
     axis.set_xlabel("labeled training cases (of 160; the rest unlabeled)")
     _finish_plot(figure, axis, "Hippocampus, CPU: Dice vs labeled count (mean ± sd over seeds)", "hippocampus_cpu_counts.png")
