@@ -214,7 +214,7 @@ def sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
     flat = array.reshape(-1).astype(np.float32)
     if flat.size <= VOXELS_SAMPLED_PER_SCAN:
         return flat
-    rng = np.random.default_rng(int(hashlib.sha256(seed_text.encode()).hexdigest()[:8], 16))
+    rng = np.random.default_rng(int(hashlib.sha256(seed_text.encode(errors="surrogateescape")).hexdigest()[:8], 16))
     return flat[rng.choice(flat.size, VOXELS_SAMPLED_PER_SCAN, replace=False)]
 
 
