@@ -90,3 +90,9 @@ def test_a_setting_out_of_range_is_one_error_naming_its_flag(capsys, tmp_path, m
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"semiseg: error: {message}"
     assert not (tmp_path / "o").exists()
+
+
+def test_the_equivalent_command_names_the_network_since_the_cli_defaults_to_the_papers():
+    config = TrainConfig(data="d", output="o", method="dk-uxnet", network="vnet")
+    argv = config.to_argv()
+    assert argv[argv.index("--network") + 1] == "vnet"

@@ -106,7 +106,8 @@ class TrainConfig:
         argv: list[str] = []
         for spec in _cli_fields():
             value = getattr(self, spec.name)
-            if spec.name not in ("data", "output") and value == default_of(spec.name):
+            # --network always: without it the CLI trains on the method's paper network, not the default.
+            if spec.name not in ("data", "output", "network") and value == default_of(spec.name):
                 continue
             flag = _flag(spec)
             if isinstance(value, bool):
