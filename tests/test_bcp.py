@@ -100,6 +100,24 @@ def test_self_training_mixes_labeled_and_unlabeled_patches_both_ways(batches):
         assert not torch.equal(image_b[..., region], unlabeled_b[..., region])
 
 
+def test_shifted_pairs_mix_every_patch_with_the_next_in_whole_batches(batches):
+    labeled, unlabeled = batches
+    method = _method(pairs="shifted")
+    inside = _box(3)
+    seen, handle = _student_inputs(method)
+    torch.manual_seed(3)
+    method.training_step(labeled, unlabeled, SELF_TRAIN)
+    handle.remove()
+    inward, outward = seen
+    assert len(inward) == len(outward) == 2
+    images, others = labeled["image"], unlabeled["image"]
+    for i in range(2):
+        previous = (i - 1) % 2
+        assert torch.equal(inward[i][..., inside], others[i][..., inside]) and torch.equal(inward[i][..., ~inside], images[i][..., ~inside])
+        assert torch.equal(outward[i][..., inside], images[previous][..., inside])
+        assert torch.equal(outward[i][..., ~inside], others[previous][..., ~inside])
+
+
 def test_each_voxel_is_supervised_by_the_label_of_the_patch_it_came_from(batches):
     labeled, unlabeled = batches
     method = _method()
@@ -209,6 +227,8 @@ def test_bad_options_are_refused():
 
     with pytest.raises(InputError, match="mask_ratio"):
         _method(mask_ratio=1.5)
+    with pytest.raises(InputError, match="pairs"):
+        _method(pairs="random")
 
 
 def test_loss_falls_on_a_short_real_run(tmp_path, one_thread):

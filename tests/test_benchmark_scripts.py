@@ -97,3 +97,35 @@ def test_method_evidence_written_from_the_comparison_is_what_users_are_shown(tmp
     assert row.dice == pytest.approx(np.mean([np.mean(base[s] + 0.02) for s in base]))
     assert evidence.describe("cps").startswith(f"4 labeled: Dice {row.dice:.3f} ± {row.dice_sd:.3f} (3 seeds), +0.020 vs supervised (p=")
     assert evidence.describe("bcp") == "not benchmarked yet"
+    assert evidence.recommended_method() == "cps"
+    assert [row[0] for row in evidence.overview()] == ["cps", "supervised"]  # best Dice at the fewest labels first
+    assert evidence.overview()[0][1] == f"{row.dice:.3f} (+0.020) @4"
+
+
+def test_the_recommended_method_must_beat_supervised_significantly_over_enough_seeds(tmp_path, monkeypatch):
+    from semiseg.methods import evidence
+
+    rng = np.random.default_rng(2)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
+    runs += [_run("cps", 4, seed, list(base[seed] + 0.01)) for seed in (0, 1, 2)]
+    runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.05)) for seed in (0, 1)]  # best, but 2 seeds only
+    runs += [_run("bcp", 4, seed, list(base[seed] + rng.normal(0.004, 0.05, 30))) for seed in (0, 1, 2)]  # noise
+    target = tmp_path / "method_evidence.json"
+    _benchmark().write_method_evidence(runs, target)
+    monkeypatch.setattr(evidence, "_evidence", lambda: json.loads(target.read_text()))
+    assert evidence.measured("bcp")[0].p_value > evidence.SIGNIFICANCE
+    assert evidence.recommended_method() == "cps"
+    runs = [r for r in runs if r["method"] != "cps"]
+    _benchmark().write_method_evidence(runs, target)
+    assert evidence.recommended_method() == "supervised"
+
+
+def test_the_default_method_is_the_one_the_shipped_evidence_recommends_and_the_readme_says_so():
+    from semiseg.config import default_of
+    from semiseg.methods import evidence
+
+    chosen = evidence.recommended_method()
+    assert default_of("method") == chosen
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"default method is `{chosen}`" in readme

@@ -24,7 +24,9 @@ Choices where the paper is silent, and deviations from the released code:
   (batch statistics), so this changes no pseudo-label.
 - Batches are halved as in the code (a = first half, b = second half). The code's batch is
   4 labeled + 4 unlabeled; the trainer's default 2 + 2 gives one patch per half. Of an odd batch
-  the middle patch is in both halves (a single patch is both).
+  the middle patch is in both halves (a single patch is both). `pairs: "shifted"` (not in the paper
+  or code) keeps the whole batch instead: a = the batch, b = the batch shifted by one patch, so each
+  forward pass sees every patch (batch-norm statistics over 2 patches, not 1, at batch 2 + 2).
 - The box's position is random, as the abstract's "random crop" and the 3D code's context_mask
   (not a central crop); one box per step for the whole batch, as the code. Here every position
   inside the patch can be drawn (the code's np.random.randint excludes the last one).
@@ -73,6 +75,11 @@ def halves(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:half], batch[len(batch) - half:]
 
 
+def shifted(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch and the batch shifted by one patch: every patch is paired with the next one."""
+    return batch, torch.roll(batch, 1, dims=0)
+
+
 def largest_component_labels(labels: torch.Tensor) -> torch.Tensor:
     """(B, 1, D, H, W) label maps with only the largest connected component of each class kept, per sample."""
     kept = np.stack([largest_component(sample) for sample in labels.cpu().numpy()])
@@ -87,12 +94,16 @@ class BidirectionalCopyPaste(Method):
         "mask_ratio": 2 / 3,  # box side / patch side (the code's mask_ratio)
         "pretrain": 2 / 17,  # fraction of the run before self-training (2000 of 2000 + 15000 on LA)
         "ema_alpha": 0.99,
+        "pairs": "halves",  # which patches are mixed: "halves" (the code's) or "shifted" (whole batch, see above)
     }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0 < self.options["mask_ratio"] < 1 or not 0 <= self.options["pretrain"] < 1:
             raise InputError("bcp: mask_ratio must be in (0, 1) and pretrain in [0, 1)")
+        if self.options["pairs"] not in ("halves", "shifted"):
+            raise InputError(f"bcp: pairs must be 'halves' or 'shifted', not {self.options['pairs']!r}")
+        self.split = halves if self.options["pairs"] == "halves" else shifted
         self.networks["student"] = self.make_network()
         self.networks["teacher"] = copy.deepcopy(self.networks["student"]).requires_grad_(False)
         self.dice_loss = MaskedDiceLoss(include_background=True, softmax=True)  # per sample and class, as mask_DiceLoss
@@ -117,7 +128,7 @@ class BidirectionalCopyPaste(Method):
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: StepInfo) -> dict[str, torch.Tensor]:
         student = self.networks["student"]
-        (image_a, image_b), (label_a, label_b) = halves(labeled["image"]), halves(labeled["label"])
+        (image_a, image_b), (label_a, label_b) = self.split(labeled["image"]), self.split(labeled["label"])
         inside = paste_box(tuple(image_a.shape[2:]), self.options["mask_ratio"])
         if self.pretraining(step):
             logits = student(paste(image_a, image_b, inside))
@@ -125,7 +136,7 @@ class BidirectionalCopyPaste(Method):
             loss = self.region_loss(logits, paste(label_a, label_b, inside), everywhere)
             return {"labeled_part": loss, "unlabeled_part": loss.new_zeros(())}
         assert unlabeled is not None
-        unlabeled_a, unlabeled_b = halves(unlabeled["image"])
+        unlabeled_a, unlabeled_b = self.split(unlabeled["image"])
         pseudo_a, pseudo_b = self.pseudo_labels(unlabeled_a), self.pseudo_labels(unlabeled_b)
         # Two forward passes, as the code: batch-norm statistics per mixture direction.
         inward = student(paste(image_a, unlabeled_a, inside))  # labeled outside, unlabeled box

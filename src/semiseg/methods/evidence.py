@@ -50,6 +50,27 @@ def relative_time(method: str) -> float | None:
     return _evidence().get("methods", {}).get(method, {}).get("relative_time")
 
 
+# What "beats supervised-only" takes: a paired p-value below this, over at least this many seeds.
+SIGNIFICANCE = 0.05
+MIN_SEEDS = 3
+
+
+def recommended_method() -> str:
+    """The default method, chosen by the evidence: at the scarcest labeled count measured for
+    supervised-only, the method with the best mean Dice among those that beat supervised-only there
+    (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more); supervised-only when none does."""
+    methods = _evidence().get("methods", {})
+    scarce = min((row["labeled"] for row in methods.get("supervised", {}).get("rows", [])), default=None)
+    best, best_dice = "supervised", -1.0
+    for name in methods:
+        for row in measured(name):
+            significant = (row.labeled == scarce and row.seeds >= MIN_SEEDS and row.delta is not None and row.delta > 0
+                           and row.p_value is not None and row.p_value < SIGNIFICANCE)
+            if significant and row.dice > best_dice:
+                best, best_dice = name, row.dice
+    return best
+
+
 def describe(method: str) -> str:
     """One line: Dice per labeled count with the difference to supervised-only, and the relative time."""
     parts = []
@@ -62,3 +83,19 @@ def describe(method: str) -> str:
     if time is not None:
         parts.append(f"{time:.1f}x supervised's time per iteration")
     return "; ".join(parts) if parts else "not benchmarked yet"
+
+
+def overview() -> list[tuple[str, str, str]]:
+    """(method, Dice per labeled count with the difference to supervised-only, relative time) for every
+    benchmarked method, best Dice at the fewest labels first: the trade-off at one glance."""
+    rows = []
+    for method in _evidence().get("methods", {}):
+        measured_rows = measured(method)
+        if not measured_rows:
+            continue
+        dice = ", ".join(f"{row.dice:.3f}" + (f" ({row.delta:+.3f})" if row.delta is not None else "") + f" @{row.labeled}"
+                         for row in measured_rows)
+        time = relative_time(method)
+        rows.append((measured_rows[0].dice, method, dice, "" if time is None else f"{time:.1f}x"))
+    return [(method, dice, time) for _, method, dice, time in sorted(rows, key=lambda row: -row[0])]
+
