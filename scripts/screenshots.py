@@ -83,7 +83,11 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     from qtpy.QtWidgets import QApplication
 
     from semiseg.checkpoint import read_meta
-    from semiseg.napari.widgets import ExportWidget, FineTuneWidget, ReviewWidget, SegmentWidget, TrainWidget
+    from semiseg.napari.widgets.export import ExportWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
+    from semiseg.napari.widgets.review import ReviewWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     def wait(condition, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout

@@ -49,7 +49,7 @@ def click(qtbot, button):
 
 
 def segment_widget(viewer, checkpoint):
-    from semiseg.napari.widgets import SegmentWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
@@ -216,7 +216,7 @@ def test_world_coordinates_are_itk_physical_points(make_napari_viewer, path):
 def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qtbot, tmp_path, messages, path):
     import SimpleITK as sitk
 
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     source = itk_image(path)
     viewer = make_napari_viewer()
@@ -245,7 +245,7 @@ def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qt
 
 
 def test_a_label_layer_on_no_scans_grid_is_refused(make_napari_viewer, qtbot, tmp_path, messages, case_paths):
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     viewer = make_napari_viewer()
     image, _ = open_case(viewer, case_paths)
@@ -455,7 +455,7 @@ def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, c
 
 def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_napari_viewer, qtbot, checkpoint, case_paths,
                                                                          unlabeled_folder, tmp_path, messages):
-    from semiseg.napari.widgets import FineTuneWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)
@@ -517,7 +517,7 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
 
 
 def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_viewer, qtbot, checkpoint, unlabeled_folder, messages):
-    from semiseg.napari.widgets import ReviewWidget
+    from semiseg.napari.widgets.review import ReviewWidget
 
     viewer = make_napari_viewer()
     widget = ReviewWidget(viewer)
@@ -561,7 +561,7 @@ def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_view
 
 def test_export_writes_source_geometry_and_checkpoint_hash_and_asks_before_replacing(make_napari_viewer, qtbot, checkpoint, case_paths,
                                                                                      tmp_path, monkeypatch, messages):
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)
@@ -611,7 +611,7 @@ def test_export_writes_source_geometry_and_checkpoint_hash_and_asks_before_repla
 
 
 def train_widget(viewer, tmp_path, iterations, validation=0):
-    from semiseg.napari.widgets import TrainWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train")
@@ -652,7 +652,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     # The greyed patch boxes show the patch the run chose.
     log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
     assert [spin.value() for spin in widget.patch] == next(e for e in log if e["type"] == "dataset")["patch_size"]
-    from semiseg.napari.widgets import SegmentWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
 
     segment = SegmentWidget(viewer)
     assert best in [segment.model.combo.itemData(i) for i in range(segment.model.combo.count())]
@@ -737,7 +737,9 @@ def test_segment_offers_only_3d_scans_and_its_status_never_keeps_an_old_error(ma
 
 
 def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
-    from semiseg.napari.widgets import ExportWidget, FineTuneWidget, TrainWidget
+    from semiseg.napari.widgets.export import ExportWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)

@@ -135,3 +135,15 @@ def segment(
     result.seconds = time.perf_counter() - started
     report({"stage": "done", "fraction": 1.0, "text": f"done in {result.seconds:.1f} s"})
     return result
+
+
+def segment_job(volume: Volume, checkpoint: str, device: torch.device, tta: bool = False, reference: np.ndarray | None = None):
+    """A `ThreadJob` function segmenting volume with the (cached) model at checkpoint."""
+    from semiseg.napari.checkpoints import MODELS
+
+    def run(progress: Progress, should_stop: Callable[[], bool]) -> SegmentResult:
+        progress({"stage": "loading", "fraction": 0.0, "text": "loading the model"})
+        model = MODELS.get(checkpoint, device)
+        return segment(volume, model, device, tta=tta, reference=reference, progress=progress, should_stop=should_stop)
+
+    return run
