@@ -8,24 +8,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtCore import QObject, QPointF, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from semiseg.errors import SemisegError
 from semiseg.napari.jobs import Cancelled
+from semiseg.napari.layers import class_colors
+from semiseg.napari.widgets.formatting import volume_rows
 
 # Pickers ------------------------------------------------------------------------------------------
 
@@ -218,6 +224,68 @@ class JobButtons(QWidget):
         else:
             self.progress.setRange(0, 1000)
             self.progress.setValue(int(1000 * min(max(fraction, 0.0), 1.0)))
+
+
+def method_choice(first: tuple[str, Any] | None = None) -> QComboBox:
+    """The training methods by name (each one's summary as its tooltip), after an optional first
+    (text, data) entry; each method's data is its name."""
+    from semiseg.methods import METHODS
+
+    combo = QComboBox()
+    if first is not None:
+        combo.addItem(*first)
+    for name, method in sorted(METHODS.items()):
+        combo.addItem(name, name)
+        combo.setItemData(combo.count() - 1, method.summary, Qt.ItemDataRole.ToolTipRole)
+    return combo
+
+
+def later(parent: QWidget, function: Callable[[], None], milliseconds: int = 250) -> QTimer:
+    """A single-shot timer calling function once after the last start() of a burst (e.g. paint strokes)."""
+    timer = QTimer(parent)
+    timer.setSingleShot(True)
+    timer.setInterval(milliseconds)
+    timer.timeout.connect(function)
+    return timer
+
+
+def fit_height(table: QTableWidget) -> None:
+    """A table exactly as tall as its rows (the dock scrolls, not the table)."""
+    table.setFixedHeight(table.horizontalHeader().height() + sum(table.rowHeight(i) for i in range(table.rowCount())) + 4)
+
+
+class VolumeTable(QTableWidget):
+    """Per-class volumes in mL, one column per label map compared (prediction, correction, reference);
+    each class name with a swatch of its colour."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, 1, parent)
+        self.verticalHeader().setVisible(False)
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setVisible(False)
+
+    def show_columns(self, columns: dict[str, dict[int, float]], class_names: dict[int, str]) -> None:
+        rows = volume_rows(columns, class_names)
+        colors = class_colors(class_names)
+        self.setColumnCount(1 + len(columns))
+        self.setHorizontalHeaderLabels(["class"] + [f"{name} mL" for name in columns])
+        self.setRowCount(len(rows))
+        for r, (class_id, cells) in enumerate(rows):
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if c == 0:
+                    item.setData(Qt.ItemDataRole.DecorationRole, QColor.fromRgbF(*colors.get(class_id, colors[None])[:3]))
+                else:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(r, c, item)
+        self.setVisible(bool(rows))
+        fit_height(self)
+
+    def column(self, name: str) -> list[str]:
+        """The texts of one column, top to bottom (for tests and screenshots)."""
+        index = next(i for i in range(self.columnCount()) if self.horizontalHeaderItem(i).text() == f"{name} mL")
+        return [self.item(r, index).text() for r in range(self.rowCount())]
 
 
 # Background jobs ----------------------------------------------------------------------------------

@@ -8,16 +8,15 @@ from typing import Any
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QSpinBox, QVBoxLayout, QWidget
 
 from semiseg.errors import InputError, SemisegError
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.layers import labels_array, volume_from_layer
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, form
-from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels
+from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, form, later, method_choice
+from semiseg.napari.widgets.display import is_scan, prediction_of, scan_of, show_segmentation, user_labels, volume_columns
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.session_view import CheckpointPicker
 from semiseg.napari.widgets.training_view import TrainingView
@@ -29,8 +28,6 @@ class FineTuneWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from semiseg.methods import METHODS
-
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.process = None
@@ -44,11 +41,7 @@ class FineTuneWidget(QWidget):
         self.folder = FolderField("folder of unlabeled scans (or a dataset folder)", "Choose the folder of unlabeled scans")
         self.use_labels = QCheckBox("also train on the folder's labeled scans, if any")
         self.use_labels.setChecked(True)
-        self.method = QComboBox()
-        self.method.addItem("same as the model", None)
-        for name, method in sorted(METHODS.items()):
-            self.method.addItem(name, name)
-            self.method.setItemData(self.method.count() - 1, method.summary, Qt.ItemDataRole.ToolTipRole)
+        self.method = method_choice(("same as the model", None))
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 100_000)
         self.iterations.setValue(50)
@@ -71,19 +64,26 @@ class FineTuneWidget(QWidget):
         rows.addRow("Learning rate", self.lr)
         rows.addRow("Device", self.device)
         rows.addRow("Output", self.output)
+        self.volumes = VolumeTable()
         self.buttons = JobButtons("Fine-tune on this correction")
         self.view = TrainingView(self.buttons, "fine-tuning")
         self.view.sparkline.setVisible(False)
         self.view.on_event = self._event
         layout = QVBoxLayout(self)
         layout.addWidget(box)
+        layout.addWidget(self.volumes)
         layout.addWidget(self.buttons)
         layout.addWidget(self.view)
         layout.addStretch(1)
         self.buttons.start.clicked.connect(self.run)
         self.buttons.cancel.clicked.connect(self.cancel)
+        self.volume_timer = later(self, self.show_volumes)
+        self.labels.currentIndexChanged.connect(self._labels_chosen)
+        self.image.currentIndexChanged.connect(lambda index: self.volume_timer.start())
         self._preselect_correction()
+        self._labels_chosen()
         self.session.labels_painted.connect(self._painted)
+        self.show_volumes()
 
     def _preselect_correction(self) -> None:
         """The label layer painted last; else any but Segment's reference."""
@@ -99,8 +99,23 @@ class FineTuneWidget(QWidget):
         try:
             if layer is not self.session.reference():
                 self.labels.set_layer(layer)
+                self.volume_timer.start()
         except RuntimeError:  # this widget is closed; the session outlives it
             pass
+
+    def _labels_chosen(self, *args) -> None:
+        """The Scan box follows the scan of the chosen corrected labels."""
+        labels = self.labels.layer()
+        scan = scan_of(labels, self.image.layers()) if labels is not None else None
+        if scan is not None:
+            self.image.set_layer(scan)
+        self.volume_timer.start()
+
+    def show_volumes(self) -> None:
+        """Per-class volumes of the scan's prediction (as the model made it) beside the correction's."""
+        image, labels = self.image.layer(), self.labels.layer()
+        prediction = prediction_of(self.viewer, image) if image is not None else None
+        self.volumes.show_columns(*volume_columns(prediction, labels))
 
     def run(self) -> None:
         from semiseg.models import read_record
@@ -218,6 +233,7 @@ class FineTuneWidget(QWidget):
         show_segmentation(self.viewer, image, value, protect=(labels,))
         if labels in self.viewer.layers:
             self.labels.set_layer(labels)  # the prediction became the active layer; the correction stays chosen here
+        self.show_volumes()
         self.buttons.set_fraction(1.0)
         self.buttons.status.setText(f"done: correction saved as {self.correction_path.name}; new model {self.new_checkpoint} "
                                     "(selected); prediction updated")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -29,3 +30,14 @@ def stamp() -> str:
 def default_runs() -> Path:
     return Path.home() / "semiseg-runs"
 
+
+
+def millilitres(value: float) -> str:
+    return f"{value:,.1f}" if value >= 100 else f"{value:.3f}"
+
+
+def volume_rows(columns: Mapping[str, Mapping[int, float]], class_names: Mapping[int, str]) -> list[tuple[int, list[str]]]:
+    """(class id, [class name, volume per column in mL]) for every foreground class in any column."""
+    classes = sorted({k for volumes in columns.values() for k in volumes} - {0})
+    return [(k, [class_names.get(k, f"class {k}")] + [millilitres(volumes[k]) if k in volumes else "" for volumes in columns.values()])
+            for k in classes]

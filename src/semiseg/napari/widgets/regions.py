@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QDoubleSpinBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
-from semiseg.regions import DEFAULT_THRESHOLD, Region
+from semiseg.napari.jobs import SegmentResult
+from semiseg.regions import DEFAULT_THRESHOLD, Region, uncertain_regions
 
 
 class RegionList(QWidget):
     """The uncertain regions of a prediction (semiseg.regions), most summed uncertainty first.
 
     Clicking a row moves the view to the region's centre; Accept marks it reviewed, Correct selects
-    the prediction layer in paint mode with the region's class as the brush.
+    the prediction layer in paint mode with the region's class as the brush. The uncertainty
+    threshold is the user's: changing it recomputes the regions.
     """
 
     REVIEWED = "✓"
@@ -23,7 +36,18 @@ class RegionList(QWidget):
         self.viewer = viewer
         self.regions: list[Region] = []
         self.scan = self.prediction = None
+        self.result: SegmentResult | None = None
         self.title = QLabel()
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.05, 0.95)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setDecimals(2)
+        self.threshold.setValue(DEFAULT_THRESHOLD)
+        self.threshold.setToolTip("Voxels above this uncertainty (0..1) form the regions")
+        header = QHBoxLayout()
+        header.addWidget(self.title, 1)
+        header.addWidget(QLabel("threshold"))
+        header.addWidget(self.threshold)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["#", "class", "mL", "Σ uncertainty"])
         self.table.verticalHeader().setVisible(False)
@@ -41,17 +65,33 @@ class RegionList(QWidget):
         buttons.addWidget(self.correct)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.title)
+        layout.addLayout(header)
         layout.addWidget(self.table)
         layout.addLayout(buttons)
         self.table.itemSelectionChanged.connect(self.go_to_selected)
         self.accept.clicked.connect(self.accept_selected)
         self.correct.clicked.connect(self.correct_selected)
+        self.threshold.valueChanged.connect(self.recompute)
         self.setVisible(False)
 
-    def show_regions(self, scan, prediction, regions: list[Region], map_name: str) -> None:
-        self.scan, self.prediction, self.regions = scan, prediction, regions
-        self.title.setText(f"{len(regions)} uncertain region{'s' * (len(regions) != 1)} ({map_name} > {DEFAULT_THRESHOLD:g})")
+    def show_regions(self, scan, prediction, result: SegmentResult) -> None:
+        """The regions of a segmentation (computed with it, at the default threshold, or again at the user's)."""
+        self.scan, self.prediction, self.result = scan, prediction, result
+        if self.threshold.value() == DEFAULT_THRESHOLD:
+            self._fill(result.regions)
+        else:
+            self.recompute()
+
+    def recompute(self, *args) -> None:
+        if self.result is None:
+            return
+        prediction = self.result.prediction
+        uncertainty = prediction.disagreement if self.result.regions_map == "disagreement" else prediction.entropy
+        self._fill(uncertain_regions(uncertainty, prediction.labels, self.result.class_names, threshold=self.threshold.value()))
+
+    def _fill(self, regions: list[Region]) -> None:
+        self.regions = regions
+        self.title.setText(f"{len(regions)} uncertain region{'s' * (len(regions) != 1)} ({self.result.regions_map} > {self.threshold.value():g})")
         self.table.clearSelection()
         self.table.setRowCount(len(regions))
         for row, region in enumerate(regions):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from semiseg.errors import InputError, SemisegError
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.checkpoints import read_record_or_none
-from semiseg.napari.layers import UNCERTAINTY_COLORMAP, data_digest, geometry_metadata, jsonable_names, label_features
-from semiseg.napari.placement import placement_of
 from semiseg.napari.session import session_for
 from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form
+from semiseg.napari.widgets.display import show_prediction
 from semiseg.napari.widgets.formatting import one_line
 from semiseg.napari.widgets.session_view import CheckpointPicker
 
@@ -149,19 +147,10 @@ class ReviewWidget(QWidget):
             return None
         image = self.viewer.add_image(data, **attributes)
         record = read_record_or_none(self.queue.checkpoint)
-        names = record.class_names if record is not None else None
-        common = {"source_path": entry.scan, "image_path": entry.scan, "image_layer": image.name, "checkpoint": self.queue.checkpoint,
-                  "checkpoint_sha256": record and record.weights_sha256, "method": record and record.method}
-        placement = placement_of(image)
-        prediction = labels.array.astype(np.uint8, copy=False)
-        self.viewer.add_labels(prediction, name=f"{image.name} prediction", opacity=0.6, features=label_features(names), **placement,
-                               metadata=geometry_metadata(labels.geometry, labels.shape, role="prediction", class_names=jsonable_names(names),
-                                                          uncertainty_score=entry.score, written_digest=data_digest(prediction), **common))
-        if entropy is not None:
-            self.viewer.add_image(entropy.array, name=f"{image.name} entropy", colormap=UNCERTAINTY_COLORMAP, contrast_limits=[0.0, 1.0],
-                                  opacity=0.6, blending="additive", visible=False, **placement,
-                                  metadata=geometry_metadata(entropy.geometry, entropy.shape, role="entropy", **common))
-        self.viewer.layers.selection.active = self.viewer.layers[f"{image.name} prediction"]
+        model = {"checkpoint": self.queue.checkpoint, "checkpoint_sha256": record and record.weights_sha256, "method": record and record.method}
+        layers = show_prediction(self.viewer, image, labels, record.class_names if record is not None else {}, entry.score, model,
+                                 [("entropy", entropy)] if entropy is not None else [])
+        self.viewer.layers.selection.active = layers["prediction"]
         self.queue.mark_reviewed(entry)
         self.session.review_changed.emit()
         self.table.selectRow(self.queue.entries.index(entry))

@@ -9,7 +9,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from semiseg.compatibility import mismatch_warnings
 from semiseg.errors import InputError, SemisegError
@@ -17,11 +17,14 @@ from semiseg.models import read_record
 from semiseg.napari import jobs
 from semiseg.napari.layers import ERROR_COLORS, ERROR_NAMES, format_metric, names_from_metadata, volume_from_layer
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, JobButtons, LayerChoice, ThreadJob, form
-from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels
-from semiseg.napari.widgets.formatting import one_line
+from semiseg.napari.widgets.common import DevicePicker, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later
+from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels, volume_columns
+from semiseg.napari.widgets.formatting import duration, one_line
 from semiseg.napari.widgets.regions import RegionList
 from semiseg.napari.widgets.session_view import CheckpointPicker
+from semiseg.napari.windows import CT_WINDOWS, is_ct, window_limits, window_of
+
+FULL_RANGE = "full range"
 
 
 class SegmentWidget(QWidget):
@@ -41,12 +44,21 @@ class SegmentWidget(QWidget):
         self.reference = LayerChoice(napari_viewer, Labels, none_text="none", accept=user_labels)
         self.reference.setToolTip("A reference (ground-truth) label map on the same grid: adds an error map and per-class metrics")
         self.reference.currentIndexChanged.connect(lambda index: self.session.set_reference(self.reference.layer()))
+        self.window = QComboBox()
+        self.window.addItems([*CT_WINDOWS, FULL_RANGE])
+        self.window.setToolTip("CT display window (level/width in HU) of the scan layer")
         box, rows = form()
         rows.addRow("Scan", self.image)
+        rows.addRow("Window", self.window)
+        self.form = rows
         rows.addRow("Model", self.model)
         rows.addRow("Device", self.device)
         rows.addRow("", self.tta)
         rows.addRow("Reference", self.reference)
+        self.estimate = grey_label()
+        self.estimate.setToolTip("Network calls x the seconds of one call measured on this device at the model's first use; "
+                                 "memory: the whole-volume buffers plus one batch of windows")
+        rows.addRow("Estimate", self.estimate)
         self.buttons = JobButtons("Segment")
         self.errors = QLabel()
         self.errors.setWordWrap(True)
@@ -56,16 +68,28 @@ class SegmentWidget(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setVisible(False)
+        self.volumes = VolumeTable()
         self.regions = RegionList(napari_viewer)
+        self.prediction = None  # the prediction layer of the last segmentation
         layout = QVBoxLayout(self)
         layout.addWidget(box)
         layout.addWidget(self.buttons)
         layout.addWidget(self.errors)
         layout.addWidget(self.table)
+        layout.addWidget(self.volumes)
         layout.addWidget(self.regions)
         layout.addStretch(1)
         self.buttons.start.clicked.connect(self.run)
         self.buttons.cancel.clicked.connect(self.cancel)
+        self.window.textActivated.connect(self.apply_window)
+        self.image.currentIndexChanged.connect(self._scan_chosen)
+        self._scan_chosen()
+        self.model.combo.currentIndexChanged.connect(self.show_estimate)
+        self.device.combo.currentTextChanged.connect(self.show_estimate)
+        self.tta.toggled.connect(self.show_estimate)
+        self.volume_timer = later(self, self.show_volumes)
+        self.reference.currentIndexChanged.connect(self._volumes_changed)
+        self.session.labels_painted.connect(self._volumes_changed)
 
     def run(self) -> None:
         if self.job is not None and self.job.running:
@@ -110,10 +134,35 @@ class SegmentWidget(QWidget):
             self.buttons.cancel.setEnabled(False)
             self.buttons.status.setText("cancelling…")
 
+    def show_estimate(self, *args) -> None:
+        """Time and peak memory of segmenting the chosen scan, once this model was measured on this device."""
+        scan, checkpoint = self.image.layer(), self.model.path()
+        try:
+            known = jobs.known_estimate(volume_from_layer(scan), checkpoint, self.device.device(), self.tta.isChecked()) \
+                if scan is not None and checkpoint else None
+        except SemisegError:
+            known = None
+        if known is None:
+            self.estimate.setText("measured at the first run of this model on this device")
+            self.estimate.setStyleSheet("color: gray;")
+        else:
+            self._show_estimate(*known)
+
+    def _show_estimate(self, estimate, available: int | None) -> None:
+        self.estimate.setText(estimate.describe(available))
+        self.estimate.setStyleSheet("color: gray;" if estimate.fits(available) else "color: #d55e00;")
+
     def _progress(self, event: dict) -> None:
         self.buttons.set_fraction(event.get("fraction"))
+        if event.get("stage") == "estimate":
+            estimate, available = event["estimate"], event["available"]
+            self._show_estimate(estimate, available)
+            if not estimate.fits(available):
+                show_warning(f"semiseg: {estimate.describe(available)}")
+            return
         if event.get("text"):
-            self.buttons.status.setText(event["text"])
+            eta = event.get("eta_s")
+            self.buttons.status.setText(event["text"] + (f" · ETA {duration(eta)}" if eta is not None else ""))
 
     def _done(self, status: str, value, layer, clicked: float) -> None:
         self.buttons.busy(False)
@@ -130,7 +179,9 @@ class SegmentWidget(QWidget):
             return
         result: jobs.SegmentResult = value
         layers = show_segmentation(self.viewer, layer, result)
-        self.regions.show_regions(layer, layers["prediction"], result.regions, result.regions_map)
+        self.prediction = layers["prediction"]
+        self.show_volumes()
+        self.regions.show_regions(layer, layers["prediction"], result)
         self.last_seconds = time.perf_counter() - clicked
         self.buttons.set_fraction(1.0)
         self.buttons.status.setText(
@@ -138,6 +189,38 @@ class SegmentWidget(QWidget):
             f"{', TTA' if result.tta else ''}); uncertainty score {result.score:.3f}")
         if result.metrics is not None:
             self._show_metrics(result)
+
+    def _scan_chosen(self, *args) -> None:
+        """Offer the CT windows for a CT only, showing the one the scan is displayed in."""
+        self.show_estimate()
+        scan = self.image.layer()
+        ct = scan is not None and is_ct(scan.data, scan.metadata)
+        self.form.setRowVisible(self.window, ct)
+        if ct:
+            self.window.setCurrentText(window_of(scan.contrast_limits) or FULL_RANGE)
+
+    def apply_window(self, name: str) -> None:
+        scan = self.image.layer()
+        if scan is None:
+            return
+        if name == FULL_RANGE:
+            data = np.asarray(scan.data)
+            scan.contrast_limits_range = scan.contrast_limits = (float(data.min()), float(data.max()))
+        else:
+            scan.contrast_limits = window_limits(name)
+
+    def _volumes_changed(self, *args) -> None:
+        try:
+            self.volume_timer.start()
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
+
+    def show_volumes(self) -> None:
+        """Per-class volumes of the prediction as predicted, as corrected (once painted on) and of the reference."""
+        if self.prediction is None or self.prediction not in self.viewer.layers:
+            self.volumes.setVisible(False)
+            return
+        self.volumes.show_columns(*volume_columns(self.prediction, self.prediction, self.reference.layer()))
 
     def _show_metrics(self, result: jobs.SegmentResult) -> None:
         counts = result.error_counts or {}
@@ -155,5 +238,5 @@ class SegmentWidget(QWidget):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(r, c, item)
         self.table.setVisible(True)
-        self.table.setFixedHeight(self.table.horizontalHeader().height() + sum(self.table.rowHeight(i) for i in range(len(rows))) + 4)
+        fit_height(self.table)
 

@@ -13,7 +13,7 @@ from semiseg.config import default_of, parse_options
 from semiseg.errors import InputError, SemisegError
 from semiseg.napari import checkpoints
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form, grey_label
+from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form, grey_label, method_choice
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.training_view import TrainingView
 
@@ -28,7 +28,7 @@ class TrainWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from semiseg.methods import METHODS, evidence
+        from semiseg.methods import evidence
         from semiseg.networks import NETWORKS
 
         self.viewer = napari_viewer
@@ -38,10 +38,7 @@ class TrainWidget(QWidget):
         self.data = FolderField("dataset folder (imagesTr/labelsTr, images/labels, LA h5, or scans)", "Choose a dataset folder")
         self.found = grey_label("Choose a dataset folder to see what it holds.")
         self.found.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
-        self.method = QComboBox()
-        for name, method in sorted(METHODS.items()):
-            self.method.addItem(name)
-            self.method.setItemData(self.method.count() - 1, method.summary, Qt.ItemDataRole.ToolTipRole)
+        self.method = method_choice()
         # What the benchmark measured for the chosen method, so the trade-off is seen before starting.
         self.method_evidence = grey_label()
         self.method_evidence.setToolTip(evidence.benchmark_note())
