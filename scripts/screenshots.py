@@ -149,10 +149,12 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
 
     # 1b. An uncertain region chosen in the list: the view goes to it (entropy shown over the prediction).
     segment.regions.table.selectRow(0)
+    viewer.scene.camera.zoom *= 2  # closer, around the region's centre
     viewer.layers[f"{image.name} entropy"].visible = True
     viewer.layers[f"{image.name} errors"].visible = False
     save("napari-regions.png")
     viewer.layers[f"{image.name} entropy"].visible = False
+    segment.regions.table.clearSelection()
     show_slice(label)
 
     # 2. Error map against the reference (false positive, false negative, wrong class).
@@ -242,9 +244,11 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
 
     # 8. A CT (stored with flipped x and y axes) shown the right way up, in its soft-tissue window,
     #    with its segmentation on top; Segment offers the CT windows and estimates time and memory.
+    viewer.close()
     if (CT_SAMPLES / "example_ct.nii.gz").is_file():
-        for layer in list(viewer.layers):
-            viewer.layers.remove(layer)
+        viewer = napari.Viewer(title="napari-semiseg")  # a fresh window: nothing of the hippocampus left in it
+        viewer.window._qt_window.resize(*WINDOW)
+        docks.clear()
         [ct] = viewer.open(str(CT_SAMPLES / "example_ct.nii.gz"), plugin="napari-semiseg")
         segmented = viewer.open(str(CT_SAMPLES / "example_seg.nii.gz"), plugin="napari-semiseg")[0]
         segmented.opacity = 0.5
@@ -254,7 +258,7 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
         segment.image.set_layer(ct)
         show_slice(segmented)
         save("napari-ct.png")
-    viewer.close()
+        viewer.close()
     return 0
 
 

@@ -81,22 +81,22 @@ def test_inference_estimate_counts_the_network_calls_and_bounds_the_volume_memor
     device = torch.device("cpu")
     cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
     assert cost.seconds > 0 and cost.bytes > 0
-    estimate = estimate_inference(volume.shape, volume.geometry, model.plan, len(model.predictors()), cost, model.overlap, tta=True)
+    estimate = estimate_inference(volume.shape, volume.geometry, model.plan, len(model.predictors()), cost, model.overlap)
 
     calls = []
     counted = [lambda patch, p=p: calls.append(1) or p(patch) for p in model.predictors()]
     tracemalloc.start()
     started = time.perf_counter()
-    predict_volume(volume, model.plan, counted, device, model.overlap, tta=True)
+    predict_volume(volume, model.plan, counted, device, model.overlap)
     seconds = time.perf_counter() - started
     _, numpy_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert estimate.calls == len(calls)
-    assert seconds / 4 < estimate.seconds < seconds * 4, (estimate.seconds, seconds)
+    assert seconds / 5 < estimate.seconds < seconds * 5, (estimate.seconds, seconds)  # a shared machine's timings vary
     assert estimate.peak_bytes >= numpy_peak
     print(f"\nestimate {estimate.seconds:.2f} s, {estimate.peak_bytes / 2**20:.1f} MiB; measured {seconds:.2f} s, numpy peak {numpy_peak / 2**20:.1f} MiB")
     # A scan the size of the 20x512x512 DICOM CT: proportionally more, and a warning past the memory free.
     large = estimate_inference((20, 512, 512), volume.geometry, model.plan, len(model.predictors()), cost, model.overlap)
-    assert large.calls > estimate.calls / 8 and large.peak_bytes > 20 * 512 * 512 * 4 * 8
+    assert large.calls > 10 * estimate.calls and large.peak_bytes > 20 * 512 * 512 * 4 * 8
     assert "may run out of memory" in large.describe(available_bytes=large.peak_bytes - 1)
     assert "may run out" not in large.describe(available_bytes=large.peak_bytes)
