@@ -3,9 +3,11 @@
     python scripts/screenshots.py [--checkpoint RUN/best] [--out docs]
 
 Drives the real widgets on the bundled hippocampus sample as a user would: segments with a
-reference (metrics, error map), shows the uncertainty, trains briefly, fine-tunes on a correction,
-ranks a folder of scans, exports. Without --checkpoint it uses the bundled default model if there
-is one, else trains a small mean-teacher model first (a few minutes on a CPU; kept in
+reference (metrics, per-class volumes, error map), shows the uncertainty and goes to an uncertain
+region, trains briefly, fine-tunes on a correction, ranks a folder of scans, exports; then opens
+the sample CT of ../shared/data/samples (if present) in its CT window, with its segmentation and
+Segment's time and memory estimate. Without --checkpoint it uses the bundled default model if
+there is one, else trains a small mean-teacher model first (a few minutes on a CPU; kept in
 runs/screenshot-model and reused). With DISPLAY unset it starts its own Xvfb.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "resources" / "hippocampus"
+CT_SAMPLES = REPO.parent / "shared" / "data" / "samples"
 WINDOW = (1440, 920)
 
 
@@ -83,7 +86,11 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     from qtpy.QtWidgets import QApplication
 
     from semiseg.checkpoint import read_meta
-    from semiseg.napari.widgets import ExportWidget, FineTuneWidget, ReviewWidget, SegmentWidget, TrainWidget
+    from semiseg.napari.widgets.export import ExportWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
+    from semiseg.napari.widgets.review import ReviewWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     def wait(condition, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
@@ -139,6 +146,16 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     viewer.layers[f"{image.name} errors"].visible = False
     show_slice(label)
     save("napari-segment.png")
+
+    # 1b. An uncertain region chosen in the list: the view goes to it (entropy shown over the prediction).
+    segment.regions.table.selectRow(0)
+    viewer.scene.camera.zoom *= 2  # closer, around the region's centre
+    viewer.layers[f"{image.name} entropy"].visible = True
+    viewer.layers[f"{image.name} errors"].visible = False
+    save("napari-regions.png")
+    viewer.layers[f"{image.name} entropy"].visible = False
+    segment.regions.table.clearSelection()
+    show_slice(label)
 
     # 2. Error map against the reference (false positive, false negative, wrong class).
     viewer.layers[f"{image.name} prediction"].visible = False
@@ -224,7 +241,24 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     export.folder.set_text(str(scratch / "export"))
     export.export_checked.click()
     save("napari-export.png")
+
+    # 8. A CT (stored with flipped x and y axes) shown the right way up, in its soft-tissue window,
+    #    with its segmentation on top; Segment offers the CT windows and estimates time and memory.
     viewer.close()
+    if (CT_SAMPLES / "example_ct.nii.gz").is_file():
+        viewer = napari.Viewer(title="napari-semiseg")  # a fresh window: nothing of the hippocampus left in it
+        viewer.window._qt_window.resize(*WINDOW)
+        docks.clear()
+        [ct] = viewer.open(str(CT_SAMPLES / "example_ct.nii.gz"), plugin="napari-semiseg")
+        segmented = viewer.open(str(CT_SAMPLES / "example_seg.nii.gz"), plugin="napari-semiseg")[0]
+        segmented.opacity = 0.5
+        segment = dock(SegmentWidget(viewer), "Segment")
+        segment.model.choose(checkpoint)
+        segment.device.combo.setCurrentText("cpu")
+        segment.image.set_layer(ct)
+        show_slice(segmented)
+        save("napari-ct.png")
+        viewer.close()
     return 0
 
 

@@ -118,6 +118,7 @@ def test_predict_writes_labels_and_uncertainty_on_each_scans_grid(trained):
     code, out, err = trained["predict"]
     assert code == 0, err
     assert "device: cpu" in out
+    assert out.count(": estimate about ") == len(list((trained["data"] / "imagesTr").glob("*.nii.gz")))
     predictions = trained["predictions"]
     scans = sorted((trained["data"] / "imagesTr").glob("*.nii.gz"))
     expected = sorted(f"{s.name[:-7]}{suffix}.nii.gz" for s in scans for suffix in ("", "_entropy", "_disagreement"))

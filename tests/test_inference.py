@@ -62,3 +62,41 @@ def test_probabilities_sum_to_one_and_uncertainties_are_bounded():
     assert disagreement(certain, certain).max() == 0
     flipped = np.roll(certain, 1, axis=0)
     np.testing.assert_allclose(disagreement(certain, flipped), 1.0)
+
+
+def test_inference_estimate_counts_the_network_calls_and_bounds_the_volume_memory(one_thread):
+    """The estimate of `predict_volume` on the sample scan against the real run: the same number of
+    network calls, a time within a factor of the measured one, and no fewer bytes than numpy held."""
+    import time
+    import tracemalloc
+    from pathlib import Path
+
+    from semiseg.inference import estimate_inference, measure_window_cost, predict_volume
+    from semiseg.io import read_volume
+    from semiseg.models import load_model
+
+    repo = Path(__file__).resolve().parents[1]
+    model = load_model(repo / "resources" / "models" / "default")
+    volume = read_volume(repo / "resources" / "hippocampus" / "imagesTs" / "hippocampus_036.nii.gz")
+    device = torch.device("cpu")
+    cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
+    assert cost.seconds > 0 and cost.bytes > 0
+    estimate = estimate_inference(volume.shape, volume.geometry, model.plan, len(model.predictors()), cost, model.overlap)
+
+    calls = []
+    counted = [lambda patch, p=p: calls.append(1) or p(patch) for p in model.predictors()]
+    tracemalloc.start()
+    started = time.perf_counter()
+    predict_volume(volume, model.plan, counted, device, model.overlap)
+    seconds = time.perf_counter() - started
+    _, numpy_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert estimate.calls == len(calls)
+    assert seconds / 5 < estimate.seconds < seconds * 5, (estimate.seconds, seconds)  # a shared machine's timings vary
+    assert estimate.peak_bytes >= numpy_peak
+    print(f"\nestimate {estimate.seconds:.2f} s, {estimate.peak_bytes / 2**20:.1f} MiB; measured {seconds:.2f} s, numpy peak {numpy_peak / 2**20:.1f} MiB")
+    # A scan the size of the 20x512x512 DICOM CT: proportionally more, and a warning past the memory free.
+    large = estimate_inference((20, 512, 512), volume.geometry, model.plan, len(model.predictors()), cost, model.overlap)
+    assert large.calls > 10 * estimate.calls and large.peak_bytes > 20 * 512 * 512 * 4 * 8
+    assert "may run out of memory" in large.describe(available_bytes=large.peak_bytes - 1)
+    assert "may run out" not in large.describe(available_bytes=large.peak_bytes)

@@ -304,10 +304,10 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from semiseg.compatibility import mismatch_warnings
-    from semiseg.devices import describe, resolve_device
+    from semiseg.devices import available_memory, describe, resolve_device
+    from semiseg.inference import estimate_inference, measure_window_cost, predict_volume
     from semiseg.io import Volume, read_volume, write_volume
     from semiseg.models import load_model
-    from semiseg.inference import predict_volume
 
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise InputError(f"--overlap {args.overlap}: must be in [0, 1)")
@@ -323,14 +323,23 @@ def _predict(args: argparse.Namespace) -> int:
     created = not out.exists()
     tqdm.write(f"device: {describe(device)}; model: {model.record.method} ({model.path})")
     failures: list[str] = []
+    overlap = model.overlap if args.overlap is None else args.overlap
+    cost = None
     try:
         for path, targets in zip(tqdm(inputs, desc="predicting", unit="scan", disable=len(inputs) == 1), all_targets):
             try:
                 volume = read_volume(path)
                 for warning in mismatch_warnings(volume, model.plan, source=path):
                     tqdm.write(f"semiseg: warning: {warning}", file=sys.stderr)
+                if cost is None:  # measured once, on the first scan
+                    cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
+                estimate = estimate_inference(volume.shape, volume.geometry, model.plan, len(model.predictors()), cost, overlap, args.tta)
+                available = available_memory(device)
+                tqdm.write(f"{path.name}: estimate {estimate.describe(available)}")
+                if not estimate.fits(available):
+                    tqdm.write(f"semiseg: warning: {path.name} may not fit in {device}'s free memory", file=sys.stderr)
                 try:
-                    prediction = predict_volume(volume, model.plan, model.predictors(), device, model.overlap if args.overlap is None else args.overlap, args.tta)
+                    prediction = predict_volume(volume, model.plan, model.predictors(), device, overlap, args.tta)
                 except RuntimeError as error:
                     if _out_of_gpu_memory(error):
                         raise InputError(f"{path}: out of GPU memory; use --device cpu or a smaller --overlap") from None

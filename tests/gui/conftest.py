@@ -145,10 +145,14 @@ def unlabeled_folder(tmp_path) -> Path:
 def messages(monkeypatch):
     """Notifications the plugin shows, by kind (show_error / show_info / show_warning)."""
     shown: dict[str, list[str]] = {"error": [], "info": [], "warning": []}
-    import semiseg.napari._qt_common as common
+    import importlib
+    import pkgutil
+
     import semiseg.napari.widgets as widgets
 
-    for kind in shown:
-        monkeypatch.setattr(widgets, f"show_{kind}", lambda text, kind=kind: shown[kind].append(text))
-    monkeypatch.setattr(common, "show_error", lambda text: shown["error"].append(text), raising=False)
+    for module in pkgutil.iter_modules(widgets.__path__):
+        module = importlib.import_module(f"{widgets.__name__}.{module.name}")
+        for kind in shown:
+            if hasattr(module, f"show_{kind}"):
+                monkeypatch.setattr(module, f"show_{kind}", lambda text, kind=kind: shown[kind].append(text))
     return shown

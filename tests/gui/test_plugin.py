@@ -49,7 +49,7 @@ def click(qtbot, button):
 
 
 def segment_widget(viewer, checkpoint):
-    from semiseg.napari.widgets import SegmentWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
@@ -216,7 +216,7 @@ def test_world_coordinates_are_itk_physical_points(make_napari_viewer, path):
 def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qtbot, tmp_path, messages, path):
     import SimpleITK as sitk
 
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     source = itk_image(path)
     viewer = make_napari_viewer()
@@ -245,7 +245,7 @@ def test_new_labels_layer_exports_with_its_scans_geometry(make_napari_viewer, qt
 
 
 def test_a_label_layer_on_no_scans_grid_is_refused(make_napari_viewer, qtbot, tmp_path, messages, case_paths):
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     viewer = make_napari_viewer()
     image, _ = open_case(viewer, case_paths)
@@ -371,6 +371,9 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     done = widget._done
     monkeypatch.setattr(widget, "_done", lambda *args: (finished.append(time.perf_counter()), done(*args)))
+    statuses = []
+    progress = widget._progress
+    monkeypatch.setattr(widget, "_progress", lambda event: (progress(event), statuses.append(widget.buttons.status.text())))
     timer.start(10)
     started = time.perf_counter()
     click(qtbot, widget.buttons.start)
@@ -419,6 +422,30 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     # A two-network model's regions come from its disagreement map.
     assert "disagreement >" in widget.regions.title.text() and widget.regions.table.rowCount() == len(widget.regions.regions)
     print(f"\nclick to prediction on CPU: {widget.last_seconds:.2f} s")
+    # Before predicting: the time and memory estimate; while predicting: an ETA.
+    assert "network calls" in widget.estimate.text() and "GB of memory" in widget.estimate.text()
+    assert any("ETA" in text for text in statuses), statuses
+
+    # Classes in their own colours, never one of the error map's; per-class volumes in mL.
+    from semiseg.napari.layers import CLASS_COLORS
+
+    error_rgb = [errors.colormap.map(np.array([v]))[0][:3] for v in (1, 2, 3)]
+    for class_id in (1, 2):
+        rgb = prediction.colormap.map(np.array([class_id]))[0][:3]
+        np.testing.assert_allclose(rgb, CLASS_COLORS[class_id - 1][:3], atol=1e-6)
+        assert min(np.linalg.norm(rgb - other) for other in error_rgb) > 0.4
+    voxel_ml = float(np.prod(read_volume(case_paths[0]).geometry.spacing)) / 1000
+    assert widget.volumes.isVisibleTo(widget)
+    assert widget.volumes.column("prediction") == [f"{(pred == k).sum() * voxel_ml:.3f}" for k in (1, 2)]
+    assert widget.volumes.column("reference") == [f"{(ref == k).sum() * voxel_ml:.3f}" for k in (1, 2)]
+    # Painting on the prediction adds the corrected volumes beside the predicted ones.
+    predicted = np.array(pred)
+    prediction.brush_size = 1
+    prediction.paint(tuple(int(i) for i in np.argwhere(predicted == 0)[0]), 2)
+    corrected = [f"{(predicted == 1).sum() * voxel_ml:.3f}", f"{((predicted == 2).sum() + 1) * voxel_ml:.3f}"]
+    qtbot.waitUntil(lambda: widget.volumes.columnCount() == 4 and widget.volumes.column("correction") == corrected, timeout=5_000)
+    assert widget.volumes.column("prediction") == [f"{(predicted == k).sum() * voxel_ml:.3f}" for k in (1, 2)]
+    prediction.data = predicted
 
     # Segmenting again updates the unedited prediction in place; an edited one is kept.
     edited = np.array(prediction.data)
@@ -455,7 +482,7 @@ def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, c
 
 def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_napari_viewer, qtbot, checkpoint, case_paths,
                                                                          unlabeled_folder, tmp_path, messages):
-    from semiseg.napari.widgets import FineTuneWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)
@@ -474,6 +501,12 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     widget.image.set_layer(image)
     widget.labels.set_layer(correction)
     assert widget.model.path() == str(checkpoint)
+    # The predicted and the corrected volume of each class, side by side.
+    voxel_ml = float(np.prod(read_volume(case_paths[0]).geometry.spacing)) / 1000
+    predicted = [f"{(np.asarray(prediction.data) == k).sum() * voxel_ml:.3f}" for k in (1, 2)]
+    qtbot.waitUntil(lambda: widget.volumes.columnCount() == 3 and widget.volumes.column("correction")
+                    == [f"{(np.asarray(label.data) == k).sum() * voxel_ml:.3f}" for k in (1, 2)], timeout=5_000)
+    assert widget.volumes.column("prediction") == predicted
     widget.folder.set_text(str(unlabeled_folder))
     widget.iterations.setValue(3)
     widget.device.combo.setCurrentText("cpu")
@@ -517,7 +550,7 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
 
 
 def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_viewer, qtbot, checkpoint, unlabeled_folder, messages):
-    from semiseg.napari.widgets import ReviewWidget
+    from semiseg.napari.widgets.review import ReviewWidget
 
     viewer = make_napari_viewer()
     widget = ReviewWidget(viewer)
@@ -561,7 +594,7 @@ def test_review_queue_ranks_most_uncertain_first_and_opens_next(make_napari_view
 
 def test_export_writes_source_geometry_and_checkpoint_hash_and_asks_before_replacing(make_napari_viewer, qtbot, checkpoint, case_paths,
                                                                                      tmp_path, monkeypatch, messages):
-    from semiseg.napari.widgets import ExportWidget
+    from semiseg.napari.widgets.export import ExportWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)
@@ -611,7 +644,7 @@ def test_export_writes_source_geometry_and_checkpoint_hash_and_asks_before_repla
 
 
 def train_widget(viewer, tmp_path, iterations, validation=0):
-    from semiseg.napari.widgets import TrainWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train")
@@ -652,7 +685,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     # The greyed patch boxes show the patch the run chose.
     log = [json.loads(line) for line in (tmp_path / "train-run" / "log.jsonl").read_text().splitlines()]
     assert [spin.value() for spin in widget.patch] == next(e for e in log if e["type"] == "dataset")["patch_size"]
-    from semiseg.napari.widgets import SegmentWidget
+    from semiseg.napari.widgets.segment import SegmentWidget
 
     segment = SegmentWidget(viewer)
     assert best in [segment.model.combo.itemData(i) for i in range(segment.model.combo.count())]
@@ -737,7 +770,9 @@ def test_segment_offers_only_3d_scans_and_its_status_never_keeps_an_old_error(ma
 
 
 def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
-    from semiseg.napari.widgets import ExportWidget, FineTuneWidget, TrainWidget
+    from semiseg.napari.widgets.export import ExportWidget
+    from semiseg.napari.widgets.finetune import FineTuneWidget
+    from semiseg.napari.widgets.train import TrainWidget
 
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)
@@ -825,9 +860,17 @@ def test_segment_lists_uncertain_regions_and_goes_to_the_one_clicked(make_napari
     if expected[row].class_id:
         assert prediction.selected_label == expected[row].class_id
 
+    # The threshold is the reviewer's: a lower one gives the regions of the same map recomputed, more tissue in them.
+    listed.threshold.setValue(0.3)
+    lower = uncertain_regions(Volume(np.asarray(entropy.data), geometry), Volume(np.asarray(prediction.data), geometry), names, threshold=0.3)
+    assert "entropy > 0.3" in listed.title.text() and listed.table.rowCount() == len(lower)
+    assert [(r.voxels, r.class_id) for r in listed.regions] == [(r.voxels, r.class_id) for r in lower]
+    assert sum(r.voxels for r in lower) > sum(r.voxels for r in expected)
+
 
 @pytest.mark.skipif(not (SHARED / "samples" / "example_ct_sm.nii.gz").is_file(), reason="needs /work/shared/data")
-def test_segment_warns_when_the_scan_does_not_fit_the_model_and_still_segments(make_napari_viewer, qtbot, messages):
+def test_segment_warns_when_the_scan_does_not_fit_the_model_and_still_segments(make_napari_viewer, qtbot, messages, monkeypatch):
+    monkeypatch.setattr("semiseg.napari.jobs.available_memory", lambda device: 1000)  # a device that holds nothing
     viewer = make_napari_viewer()
     ct = viewer.open(str(SHARED / "samples" / "example_ct_sm.nii.gz"), plugin=PLUGIN)[0]
     widget = segment_widget(viewer, REPO / "resources" / "models" / "default")
@@ -838,3 +881,64 @@ def test_segment_warns_when_the_scan_does_not_fit_the_model_and_still_segments(m
     assert widget.buttons.status.text().count("warning: ") == 2
     wait_job(qtbot, widget)
     assert messages["error"] == [] and f"{ct.name} prediction" in viewer.layers
+    # Before predicting, the estimate warned that the scan may not fit in the device's memory.
+    assert len(messages["warning"]) == 3 and "may run out of memory" in messages["warning"][2]
+    assert "only 0.00 GB is free" in widget.estimate.text()
+
+
+@pytest.mark.skipif(not (SHARED / "samples" / "example_ct.nii.gz").is_file(), reason="needs /work/shared/data")
+def test_a_ct_opens_in_a_soft_tissue_window_and_segment_offers_bone_and_lung(make_napari_viewer, case_paths, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", shown.append)
+    viewer = make_napari_viewer()
+    [ct] = viewer.open(str(SHARED / "samples" / "example_ct.nii.gz"), plugin=PLUGIN)
+    assert ct.metadata["modality"] == "CT" and tuple(ct.contrast_limits) == (-160.0, 240.0)  # level 40, width 400 HU
+    assert len(shown) == 1 and "is a CT" in shown[0]
+    mr, _ = open_case(viewer, case_paths)
+    assert "modality" not in mr.metadata and len(shown) == 1
+    segment = docked(viewer, "Segment")
+    segment.image.set_layer(mr)
+    assert not segment.window.isVisibleTo(segment)  # no HU windows for an MR
+    segment.image.set_layer(ct)
+    assert segment.window.isVisibleTo(segment) and segment.window.currentText() == "soft tissue"
+    for name, limits in (("lung", (-1350.0, 150.0)), ("bone", (-500.0, 1300.0))):
+        segment.window.setCurrentText(name)
+        segment.window.textActivated.emit(name)  # what choosing it in the list does
+        assert tuple(ct.contrast_limits) == limits
+    segment.window.textActivated.emit("full range")
+    assert tuple(ct.contrast_limits) == (float(ct.data.min()), float(ct.data.max()))
+
+
+@pytest.mark.skipif(not (SHARED / "samples" / "example_ct.nii.gz").is_file(), reason="needs /work/shared/data")
+def test_a_scan_opened_at_another_physical_place_is_brought_into_view(make_napari_viewer, case_paths):
+    viewer = make_napari_viewer()
+    mr, _ = open_case(viewer, case_paths)
+    camera = viewer.scene.camera
+    before = (tuple(viewer.dims.point), tuple(camera.center), camera.zoom)
+    [ct] = viewer.open(str(SHARED / "samples" / "example_ct.nii.gz"), plugin=PLUGIN)
+    low, high = np.asarray(ct.extent.world)
+    assert not np.all((low <= before[0]) & (before[0] <= high))  # where the MR was shown lies outside the CT
+    # The slice shown is inside the CT, and the camera looks at it, zoomed to fit it.
+    point = np.asarray(viewer.dims.point)
+    assert np.all((low <= point) & (point <= high)), (point, low, high)
+    displayed = list(viewer.dims.displayed)
+    np.testing.assert_allclose(camera.center[-2:], ((low + high) / 2)[displayed], atol=1e-6)
+    assert camera.zoom < before[2]  # the CT is larger than the hippocampus crop
+    # A scan where the view already is (the same CT again) leaves the view alone.
+    view = (tuple(viewer.dims.point), tuple(camera.center), camera.zoom)
+    viewer.open(str(SHARED / "samples" / "example_ct.nii.gz"), plugin=PLUGIN)
+    assert (tuple(viewer.dims.point), tuple(camera.center), camera.zoom) == view
+
+
+def test_finetune_scan_follows_the_chosen_corrected_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    first = open_case(viewer, (SAMPLE / "imagesTr" / "hippocampus_001.nii.gz", SAMPLE / "labelsTr" / "hippocampus_001.nii.gz"))
+    second = open_case(viewer, (SAMPLE / "imagesTr" / "hippocampus_004.nii.gz", SAMPLE / "labelsTr" / "hippocampus_004.nii.gz"))
+    finetune = docked(viewer, "Fine-tune on correction")
+    for scan, labels in (first, second, first):
+        finetune.labels.set_layer(labels)  # labels read from a dataset: their scan by file
+        assert finetune.image.layer() is scan
+    # A label layer the user made on the second scan's grid, without any metadata: its scan by grid.
+    drawn = viewer.add_labels(np.zeros(second[0].data.shape, np.uint8), name="drawn", affine=second[0].affine)
+    finetune.labels.set_layer(drawn)
+    assert finetune.image.layer() is second[0]

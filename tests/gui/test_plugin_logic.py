@@ -14,6 +14,7 @@ import torch
 
 from semiseg.datasets import load_dataset, select_split
 from semiseg.errors import InputError, OutputExistsError
+from semiseg.inference import network_calls
 from semiseg.io import Geometry, Volume, read_volume
 from semiseg.models import load_model
 from semiseg.napari import jobs
@@ -81,7 +82,8 @@ def test_progress_counts_every_sliding_window_batch(checkpoint):
         events = []
         jobs.segment(volume, model, torch.device("cpu"), tta=tta, progress=events.append)
         predicting = [e for e in events if e["stage"] == "predicting" and e["fraction"] > 0]
-        assert len(predicting) == jobs.expected_calls(volume, model.plan, 2, 0.5, tta)
+        assert len(predicting) == network_calls(volume.shape, volume.geometry, model.plan, 2, 0.5, tta)
+        assert all(e["eta_s"] >= 0 for e in predicting) and predicting[-1]["eta_s"] == 0
         assert events[-1]["fraction"] == 1.0
 
 
@@ -91,7 +93,7 @@ def test_cancel_stops_inside_the_sliding_window(checkpoint):
     calls = []
     with pytest.raises(jobs.Cancelled):
         jobs.segment(volume, model, torch.device("cpu"), tta=True, progress=calls.append, should_stop=lambda: len(calls) > 3)
-    assert len(calls) < jobs.expected_calls(volume, model.plan, 2, 0.5, True)
+    assert len(calls) < network_calls(volume.shape, volume.geometry, model.plan, 2, 0.5, True)
 
 
 def test_finetune_configs_choose_labeled_and_unlabeled_scans(checkpoint, tmp_path, unlabeled_folder):
@@ -156,3 +158,33 @@ def test_training_process_stops_cleanly_when_its_parent_goes_away(tmp_path):
     assert "cancelled" in kinds and kinds[-1] == "exit"
     assert 1 <= load_model(tmp_path / "run" / "last").record.iteration < 5000
     process.close()
+
+
+def test_class_colours_are_far_from_the_error_colours_and_volumes_are_in_millilitres():
+    from semiseg.napari.layers import CLASS_COLORS, ERROR_COLORS, UNNAMED_CLASS_COLOR, class_colors, class_volumes_ml
+    from semiseg.napari.widgets.formatting import volume_rows
+
+    errors = [np.asarray(ERROR_COLORS[v][:3]) for v in (1, 2, 3)]
+    assert min(np.linalg.norm(np.asarray(c[:3]) - e) for c in CLASS_COLORS for e in errors) > 0.4
+    colors = class_colors({0: "background", 1: "a", 2: "b"})
+    assert colors[0][3] == 0 and colors[1] == CLASS_COLORS[0] and colors.get(9, colors[None]) == UNNAMED_CLASS_COLOR
+    assert class_colors({k: str(k) for k in range(9)})[7] == CLASS_COLORS[0]  # more classes than colours: they cycle
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[0, :2, :3] = 1  # 6 voxels
+    labels[3, 4, 5] = 3  # 1 voxel, a class the model does not name
+    volumes = class_volumes_ml(labels, (2.0, 0.5, 1.5), {0: "background", 1: "a", 2: "b"})
+    assert volumes == {1: pytest.approx(6 * 1.5e-3), 2: 0.0, 3: pytest.approx(1.5e-3)}
+    rows = volume_rows({"prediction": volumes, "correction": {1: 250.0}}, {1: "a", 2: "b"})
+    assert rows == [(1, ["a", "0.009", "250.0"]), (2, ["b", "0.000", ""]), (3, ["class 3", "0.002", ""])]
+
+
+def test_ct_windows_and_which_scans_are_ct():
+    from semiseg.napari.windows import is_ct, window_limits, window_of
+
+    assert window_limits("soft tissue") == (-160.0, 240.0) and window_limits("lung") == (-1350.0, 150.0)
+    assert window_of((-500.0, 1300.0)) == "bone" and window_of((0.0, 1.0)) is None
+    mr = read_volume(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz").array
+    ct = np.full((40, 40, 40), 40.0, np.float32)
+    ct[:, :8] = -1000.0  # air around the body
+    assert is_ct(ct) and not is_ct(mr)
+    assert not is_ct(ct, {"modality": "MR"}) and is_ct(mr, {"modality": "ct"})  # recorded modality first

@@ -14,6 +14,7 @@ from semiseg.datasets import LA_CLASS_NAMES, class_names_near, image_for_label
 from semiseg.errors import SemisegError
 from semiseg.io import is_dicom_folder, read_volume, strip_suffix, volume_suffix
 from semiseg.napari.layers import jsonable_names, looks_like_labels, volume_layer_data
+from semiseg.napari.windows import CT_WINDOWS, DEFAULT_CT_WINDOW
 
 
 def might_be_dicom_folder(folder: Path) -> bool:
@@ -51,6 +52,7 @@ NOTHING_TO_ADD = [(None,)]
 def read_paths(path) -> list[tuple]:
     """The layers of every path that reads; a path that does not gets a one-line message instead."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
+    _ensure_session()
     layers: list[tuple] = []
     for item in paths:
         try:
@@ -60,7 +62,25 @@ def read_paths(path) -> list[tuple]:
             from napari.utils.notifications import show_error
 
             show_error(f"semiseg: {error}")
+    for _, attributes, kind in (layer for layer in layers if len(layer) == 3):
+        if kind == "image" and attributes["metadata"].get("modality") == "CT":
+            from napari.utils.notifications import show_info
+
+            show_info(f"semiseg: {attributes['name']} is a CT: shown in the {DEFAULT_CT_WINDOW} window "
+                      f"({', '.join(CT_WINDOWS)} in Segment > Window)")
     return layers or NOTHING_TO_ADD
+
+
+def _ensure_session() -> None:
+    """The window's session (created by a widget, else here): it moves the view onto a scan opened
+    at another physical place than the ones before it."""
+    from napari import current_viewer
+
+    from semiseg.napari.session import session_for
+
+    viewer = current_viewer()
+    if viewer is not None:
+        session_for(viewer)
 
 
 def read_layers(path: str | Path) -> list[tuple]:

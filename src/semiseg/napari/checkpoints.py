@@ -119,6 +119,16 @@ def describe_record(record: ModelRecord) -> str:
     return "; ".join(parts)
 
 
+def read_record_or_none(path: str | os.PathLike | None) -> ModelRecord | None:
+    """The checkpoint's record, or None when there is no path or it does not read."""
+    from semiseg.models import read_record
+
+    try:
+        return read_record(path) if path else None
+    except SemisegError:
+        return None
+
+
 def describe_checkpoint(path: str | os.PathLike) -> str:
     try:
         from semiseg.models import read_record

@@ -8,7 +8,6 @@ progress and raises `Cancelled` once a stop was asked for.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,13 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from semiseg.inference import Prediction, predict_volume
+from semiseg.devices import available_memory
+from semiseg.inference import (
+    SW_BATCH_SIZE,
+    InferenceEstimate,
+    Prediction,
+    WindowCost,
+    estimate_inference,
+    measure_window_cost,
+    network_calls,
+    predict_volume,
+)
 from semiseg.io import Volume
 from semiseg.napari.layers import error_counts, error_map, metrics_rows
 from semiseg.regions import Region, prediction_regions
 
 Progress = Callable[[dict[str, Any]], None]
-SW_BATCH_SIZE = 2
 
 
 class Cancelled(Exception):
@@ -50,25 +58,6 @@ class SegmentResult:
     @property
     def score(self) -> float:
         return self.prediction.uncertainty_score()
-
-
-def windows_per_pass(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
-    """Sliding windows MONAI's sliding_window_inference visits over an image of this shape."""
-    count = 1
-    for size, roi in zip(shape, patch):
-        size = max(size, roi)
-        if roi >= size:
-            continue
-        interval = max(int(roi * (1 - overlap)), 1)
-        count *= math.ceil((size - roi) / interval) + 1
-    return count
-
-
-def expected_calls(volume: Volume, plan, predictors: int, overlap: float, tta: bool, sw_batch_size: int = SW_BATCH_SIZE) -> int:
-    grid = plan.target_grid(volume.geometry, volume.shape)
-    shape = volume.shape if grid is None else tuple(reversed(grid[1]))
-    batches = math.ceil(windows_per_pass(shape, plan.patch_size, overlap) / sw_batch_size)
-    return max(1, batches * predictors * (8 if tta else 1))
 
 
 def guarded(predictors: list, should_stop: Callable[[], bool], on_call: Callable[[], None]) -> list:
@@ -105,12 +94,20 @@ def segment(
     started = time.perf_counter()
     predictors = model.predictors()
     overlap = model.overlap if overlap is None else overlap
-    total = expected_calls(volume, model.plan, len(predictors), overlap, tta)
-    done = [0]
+    total = network_calls(volume.shape, volume.geometry, model.plan, len(predictors), overlap, tta, SW_BATCH_SIZE)
+    done = 0
+    first_done_at: float | None = None
 
     def on_call() -> None:
-        done[0] += 1
-        report({"stage": "predicting", "fraction": min(done[0] / total, 0.99), "text": f"predicting ({done[0]}/{total} batches)"})
+        # The ETA extrapolates the pace of the calls after the first (which carries the start-up).
+        nonlocal done, first_done_at
+        done += 1
+        now = time.perf_counter()
+        if first_done_at is None:
+            first_done_at = now
+        pace = (now - first_done_at) / (done - 1) if done > 1 else now - started
+        report({"stage": "predicting", "fraction": min(done / total, 0.99), "eta_s": pace * (total - done),
+                "text": f"predicting ({done}/{total} batches)"})
 
     report({"stage": "predicting", "fraction": 0.0, "text": "preprocessing"})
     if should_stop():
@@ -135,3 +132,56 @@ def segment(
     result.seconds = time.perf_counter() - started
     report({"stage": "done", "fraction": 1.0, "text": f"done in {result.seconds:.1f} s"})
     return result
+
+
+def segment_job(volume: Volume, checkpoint: str, device: torch.device, tta: bool = False, reference: np.ndarray | None = None):
+    """A `ThreadJob` function segmenting volume with the (cached) model at checkpoint."""
+    from semiseg.napari.checkpoints import MODELS
+
+    def run(progress: Progress, should_stop: Callable[[], bool]) -> SegmentResult:
+        progress({"stage": "loading", "fraction": 0.0, "text": "loading the model"})
+        model = MODELS.get(checkpoint, device)
+        calibrate(model, checkpoint, device)
+        estimated = known_estimate(volume, checkpoint, device, tta)
+        if estimated is not None:
+            progress({"stage": "estimate", "fraction": 0.0, "estimate": estimated[0], "available": estimated[1]})
+        return segment(volume, model, device, tta=tta, reference=reference, progress=progress, should_stop=should_stop)
+
+    return run
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    cost: WindowCost
+    plan: Any
+    predictors: int
+    overlap: float
+
+
+_CALIBRATIONS: dict[tuple[str, str, str], _Calibration] = {}
+
+
+def _calibration_key(checkpoint: str, device: torch.device) -> tuple[str, str, str] | None:
+    from semiseg.napari.checkpoints import read_record_or_none
+
+    record = read_record_or_none(checkpoint)
+    return None if record is None else (str(checkpoint), record.weights_sha256, str(device))
+
+
+def calibrate(model, checkpoint: str, device: torch.device) -> None:
+    """Measure the model's window cost on the device, once per model and device."""
+    key = _calibration_key(checkpoint, device)
+    if key is not None and key not in _CALIBRATIONS:
+        cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
+        _CALIBRATIONS[key] = _Calibration(cost, model.plan, len(model.predictors()), model.overlap)
+
+
+def known_estimate(volume: Volume, checkpoint: str, device: torch.device, tta: bool = False) -> tuple[InferenceEstimate, int | None] | None:
+    """The time and memory estimate of segmenting volume, and the memory free on the device; None
+    until the model's window cost was measured on that device (`calibrate`, at its first use)."""
+    key = _calibration_key(checkpoint, device)
+    known = _CALIBRATIONS.get(key) if key is not None else None
+    if known is None:
+        return None
+    estimate = estimate_inference(volume.shape, volume.geometry, known.plan, known.predictors, known.cost, known.overlap, tta)
+    return estimate, available_memory(device)

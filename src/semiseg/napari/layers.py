@@ -30,6 +30,7 @@ from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, strip_suffix
 from semiseg.metrics import METRICS, case_metrics
 from semiseg.napari.placement import display_kwargs, geometry_of_matrix, layer_world_matrix, world_matrix
+from semiseg.napari.windows import DEFAULT_CT_WINDOW, is_ct, window_limits
 
 # Distinct values (in a sample of voxels) up to which an integer volume opens as a label map.
 MAX_LABEL_VALUES = 32
@@ -40,6 +41,12 @@ _LABEL_NAME_HINTS = ("_seg", "-seg", "_label", "_labels", "_mask", "-mask", "_gt
 ERROR_NAMES = {0: "correct", 1: "false positive", 2: "false negative", 3: "wrong class"}
 ERROR_COLORS = {0: (0.0, 0.0, 0.0, 0.0), 1: (0.835, 0.369, 0.0, 1.0), 2: (0.0, 0.447, 0.698, 1.0), 3: (0.941, 0.894, 0.259, 1.0)}
 UNCERTAINTY_COLORMAP = "magma"
+# Class colours of prediction and correction layers: chosen far (RGB distance > 0.4) from every
+# error-map colour, so that a class is never read as a false positive or negative. Class k takes
+# colour (k - 1) mod 6; a value no class has (painted by hand) shows in light grey.
+CLASS_COLORS = ((0.0, 0.8, 0.4, 1.0), (0.8, 0.4, 0.8, 1.0), (0.55, 0.85, 0.95, 1.0),
+                (1.0, 0.6, 0.8, 1.0), (0.45, 0.3, 0.75, 1.0), (0.2, 0.5, 0.2, 1.0))
+UNNAMED_CLASS_COLOR = (0.8, 0.8, 0.8, 1.0)
 
 
 # Geometry <-> layer ------------------------------------------------------------------------------
@@ -163,6 +170,23 @@ def label_features(class_names: Mapping[int, str] | None, values: list[int] | No
     return {"index": indices, "class": [class_names.get(i, f"class {i}") for i in indices]}
 
 
+def class_colors(class_names: Mapping[int, str] | None) -> dict[int | None, tuple[float, ...]]:
+    """A napari `colormap` dict for a label layer: background transparent, each class its colour."""
+    classes = max([int(k) for k in class_names or {}] + [len(CLASS_COLORS)])
+    colors: dict[int | None, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: UNNAMED_CLASS_COLOR}
+    colors.update({k: CLASS_COLORS[(k - 1) % len(CLASS_COLORS)] for k in range(1, classes + 1)})
+    return colors
+
+
+def class_volumes_ml(labels: np.ndarray, spacing_zyx, class_names: Mapping[int, str] | None = None) -> dict[int, float]:
+    """Volume in mL of every foreground class that is named or present in labels."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel().astype(np.int64, copy=False)) if labels.size else np.zeros(1, np.int64)
+    classes = sorted({int(k) for k in class_names or {}} | {int(v) for v in np.flatnonzero(counts)})
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0  # mm^3 -> mL
+    return {k: float(counts[k]) * voxel_ml if k < len(counts) else 0.0 for k in classes if k != 0}
+
+
 def jsonable_names(class_names: Mapping[int, str] | None) -> dict[str, str] | None:
     return None if class_names is None else {str(k): str(v) for k, v in class_names.items()}
 
@@ -179,10 +203,15 @@ def volume_layer_data(volume: Volume, name: str, kind: str, source_path: str | N
     attributes: dict[str, Any] = {"name": name, "metadata": metadata, **display_kwargs(volume.geometry)}
     if kind == "labels":
         data = labels_array(volume.array, name)
-        features = label_features(names_from_metadata(metadata))
+        names = names_from_metadata(metadata)
+        attributes["colormap"] = class_colors(names)
+        features = label_features(names)
         if features:
             attributes["features"] = features
         return data, attributes, "labels"
+    if is_ct(volume.array, metadata):  # shown in a soft-tissue window, not stretched from air to bone
+        metadata["modality"] = "CT"
+        attributes["contrast_limits"] = list(window_limits(DEFAULT_CT_WINDOW))
     return volume.array, attributes, "image"
 
 

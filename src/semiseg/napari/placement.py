@@ -100,3 +100,23 @@ def grid_metadata(name: str, shape: tuple[int, ...], matrix: np.ndarray, metadat
             "so it is not written. Make label layers with Layers > New Labels while their scan is selected")
     image = scan.metadata.get("source_path") if scan.metadata.get("role") == "image" else scan.metadata.get("image_path")
     return {**metadata, "geometry": scan.metadata["geometry"], "shape": list(shape), "image_path": image}
+
+
+def bring_into_view(viewer, layer) -> bool:
+    """Move the viewer's slice and camera onto a layer lying outside the current view (a scan at
+    another physical place than those opened before it), fitted to the canvas; True when it moved."""
+    extent = np.asarray(layer.extent.world, float)  # (min, max) corners, world coordinates of the layer's axes
+    axes = list(range(viewer.dims.ndim - extent.shape[1], viewer.dims.ndim))
+    displayed = [axes.index(a) for a in viewer.dims.displayed if a in axes]
+    sliced = [i for i in range(len(axes)) if i not in displayed]
+    point = np.asarray(viewer.dims.point, float)[axes]
+    camera = getattr(viewer, "scene", viewer).camera  # viewer.camera is deprecated since napari 0.9
+    seen = np.asarray(camera.center, float)[-len(displayed):] if displayed else np.zeros(0)
+    margin = GRID_TOLERANCE + np.abs(extent[1] - extent[0]) * 1e-6
+    inside = np.all((point[sliced] >= extent[0][sliced] - margin[sliced]) & (point[sliced] <= extent[1][sliced] + margin[sliced]))
+    inside &= np.all((seen >= extent[0][displayed] - margin[displayed]) & (seen <= extent[1][displayed] + margin[displayed]))
+    if inside:
+        return False
+    viewer.dims.set_point(axes, extent.mean(0))
+    viewer.reset_view(layers=[layer])
+    return True

@@ -3,7 +3,8 @@
 napari hands each dock widget its own proxy of the viewer (`PublicOnlyProxy`), so the session is
 keyed on the viewer behind the proxy (`__wrapped__`). Widgets observe it through psygnal signals:
 the chosen model, the list of models to choose from, the last training run, the review queue and
-the label layer the user painted last.
+the label layer the user painted last. The reader makes sure the window has its session, which
+brings every scan opened at another physical place into view.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from psygnal import Signal
 
 from semiseg.napari import checkpoints
+from semiseg.napari.placement import bring_into_view
 
 
 class Session:
@@ -39,6 +41,8 @@ class Session:
             for layer in viewer.layers:
                 self._watch(layer)
             viewer.layers.events.inserted.connect(lambda event: self._watch(event.value))
+            # After napari's own handlers (they extend the dims' range to the new layer first).
+            viewer.layers.events.inserted.connect(lambda event: self._show_new_scan(event.value), position="last")
 
     # Models ---------------------------------------------------------------------------------------
     def checkpoints(self) -> list[str]:
@@ -86,6 +90,13 @@ class Session:
         if paint is not None:
             reference = weakref.ref(layer)
             paint.connect(lambda event: self._painted_now(reference()))
+
+    def _show_new_scan(self, layer) -> None:
+        """A scan opened at another physical place than those before it is brought into view:
+        napari keeps the slice and camera where they were, over empty space."""
+        viewer = self._viewer() if self._viewer is not None else None
+        if viewer is not None and layer.metadata.get("role") == "image" and "geometry" in layer.metadata and len(viewer.layers) > 1:
+            bring_into_view(viewer, layer)
 
     def _painted_now(self, layer) -> None:
         if layer is not None:

@@ -1,5 +1,5 @@
-"""Small Qt pieces the widgets share: layer and checkpoint pickers (the latter over the window's
-`Session`), a device picker, a folder field, a background-job runner and a Dice sparkline."""
+"""Small Qt pieces the widgets share: a layer picker, a device picker, a folder field, a form, the
+start/cancel/progress row of a job, a background-job runner and a Dice sparkline."""
 
 from __future__ import annotations
 
@@ -8,27 +8,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtCore import QObject, QPointF, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
+    QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from napari.utils.notifications import show_error
-
-from semiseg.checkpoint import verify
 from semiseg.errors import SemisegError
-from semiseg.napari import checkpoints
 from semiseg.napari.jobs import Cancelled
-from semiseg.napari.session import Session
+from semiseg.napari.layers import class_colors
+from semiseg.napari.widgets.formatting import volume_rows
 
 # Pickers ------------------------------------------------------------------------------------------
 
@@ -95,76 +98,6 @@ class LayerChoice(QComboBox):
             self.setCurrentIndex(self._layers.index(layer))
 
 
-class CheckpointPicker(QWidget):
-    """Recent checkpoints (and the bundled default), a Browse button, and what the chosen one is."""
-
-    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.session = session
-        self.combo = QComboBox()
-        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.setMinimumContentsLength(14)
-        self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.browse = QPushButton("Browse…")
-        self.browse.setToolTip("Choose a checkpoint folder (one holding model.json and model.safetensors)")
-        self.info = QLabel()
-        self.info.setWordWrap(True)
-        self.info.setStyleSheet("color: gray;")
-        row = QHBoxLayout()
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.combo, 1)
-        row.addWidget(self.browse)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.setSpacing(2)
-        layout.addLayout(row)
-        layout.addWidget(self.info)
-        self.combo.currentIndexChanged.connect(self._chosen)
-        self.browse.clicked.connect(self._browse)
-        session.checkpoints_changed.connect(self.refresh)
-        session.checkpoint_changed.connect(self.refresh)
-        self.refresh()
-
-    def refresh(self, *args) -> None:
-        try:
-            self.combo.blockSignals(True)
-            self.combo.clear()
-            paths = self.session.checkpoints()
-            for path in paths:
-                self.combo.addItem(checkpoints.checkpoint_label(path), path)
-                self.combo.setItemData(self.combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
-            if not paths:
-                self.combo.addItem("no model yet: train one, or Browse…", None)
-            elif self.session.checkpoint in paths:
-                self.combo.setCurrentIndex(paths.index(self.session.checkpoint))
-            self.combo.blockSignals(False)
-            path = self.path()
-            self.info.setText(checkpoints.describe_checkpoint(path) if path else "No bundled default model in this installation.")
-        except RuntimeError:
-            pass
-
-    def path(self) -> str | None:
-        return self.combo.currentData()
-
-    def _chosen(self, index: int) -> None:
-        self.session.select(self.combo.itemData(index))
-        self.refresh()
-
-    def _browse(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Choose a checkpoint folder", self.path() or str(Path.home()))
-        if folder:
-            self.choose(folder)
-
-    def choose(self, folder: str) -> bool:
-        try:
-            verify(folder)  # a corrupt checkpoint is refused here, not when a job loads it
-            self.session.add(folder)
-        except SemisegError as error:
-            show_error(f"semiseg: {error}")
-            return False
-        return True
-
-
 class DevicePicker(QWidget):
     """auto / cpu / cuda / mps, and the device that choice resolves to here."""
 
@@ -227,6 +160,132 @@ class FolderField(QWidget):
         folder = QFileDialog.getExistingDirectory(self, self.caption, self.text() or str(Path.home()))
         if folder:
             self.set_text(folder)
+
+
+# Forms and job controls ---------------------------------------------------------------------------
+
+
+def form() -> tuple[QWidget, QFormLayout]:
+    """A form whose fields take the dock's width."""
+    box = QWidget()
+    layout = QFormLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return box, layout
+
+
+def status_label() -> QLabel:
+    label = QLabel()
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def grey_label(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setStyleSheet("color: gray;")
+    return label
+
+
+class JobButtons(QWidget):
+    """A start button, a Cancel button, a progress bar and a status line."""
+
+    def __init__(self, start_text: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.start = QPushButton(start_text)
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(False)
+        self.status = status_label()
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.start, 2)
+        row.addWidget(self.cancel, 1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+
+    def busy(self, busy: bool) -> None:
+        self.start.setEnabled(not busy)
+        self.cancel.setEnabled(busy)
+        self.cancel.setText("Cancel")
+        if not busy:
+            self.progress.setRange(0, 1000)
+
+    def set_fraction(self, fraction: float | None) -> None:
+        if fraction is None:
+            self.progress.setRange(0, 0)  # busy indicator
+        else:
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(int(1000 * min(max(fraction, 0.0), 1.0)))
+
+
+def method_choice(first: tuple[str, Any] | None = None) -> QComboBox:
+    """The training methods by name (each one's summary as its tooltip), after an optional first
+    (text, data) entry; each method's data is its name."""
+    from semiseg.methods import METHODS
+
+    combo = QComboBox()
+    if first is not None:
+        combo.addItem(*first)
+    for name, method in sorted(METHODS.items()):
+        combo.addItem(name, name)
+        combo.setItemData(combo.count() - 1, method.summary, Qt.ItemDataRole.ToolTipRole)
+    return combo
+
+
+def later(parent: QWidget, function: Callable[[], None], milliseconds: int = 250) -> QTimer:
+    """A single-shot timer calling function once after the last start() of a burst (e.g. paint strokes)."""
+    timer = QTimer(parent)
+    timer.setSingleShot(True)
+    timer.setInterval(milliseconds)
+    timer.timeout.connect(function)
+    return timer
+
+
+def fit_height(table: QTableWidget) -> None:
+    """A table exactly as tall as its rows (the dock scrolls, not the table)."""
+    table.setFixedHeight(table.horizontalHeader().height() + sum(table.rowHeight(i) for i in range(table.rowCount())) + 4)
+
+
+class VolumeTable(QTableWidget):
+    """Per-class volumes in mL, one column per label map compared (prediction, correction, reference);
+    each class name with a swatch of its colour."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, 1, parent)
+        self.verticalHeader().setVisible(False)
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setVisible(False)
+
+    def show_columns(self, columns: dict[str, dict[int, float]], class_names: dict[int, str]) -> None:
+        rows = volume_rows(columns, class_names)
+        colors = class_colors(class_names)
+        self.setColumnCount(1 + len(columns))
+        self.setHorizontalHeaderLabels(["class"] + [f"{name} mL" for name in columns])
+        self.setRowCount(len(rows))
+        for r, (class_id, cells) in enumerate(rows):
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if c == 0:
+                    item.setData(Qt.ItemDataRole.DecorationRole, QColor.fromRgbF(*colors.get(class_id, colors[None])[:3]))
+                else:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(r, c, item)
+        self.setVisible(bool(rows))
+        fit_height(self)
+
+    def column(self, name: str) -> list[str]:
+        """The texts of one column, top to bottom (for tests and screenshots)."""
+        index = next(i for i in range(self.columnCount()) if self.horizontalHeaderItem(i).text() == f"{name} mL")
+        return [self.item(r, index).text() for r in range(self.rowCount())]
 
 
 # Background jobs ----------------------------------------------------------------------------------

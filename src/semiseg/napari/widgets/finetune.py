@@ -1,0 +1,246 @@
+"""The Fine-tune widget: one click saves the corrected labels, fine-tunes the current model on them
+plus a folder's unlabeled scans (separate process), selects the new model and re-predicts the scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QSpinBox, QVBoxLayout, QWidget
+
+from semiseg.errors import InputError, SemisegError
+from semiseg.io import Volume
+from semiseg.napari import checkpoints, jobs
+from semiseg.napari.layers import labels_array, volume_from_layer
+from semiseg.napari.session import session_for
+from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, form, later, method_choice
+from semiseg.napari.widgets.display import is_scan, prediction_of, scan_of, show_segmentation, user_labels, volume_columns
+from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
+from semiseg.napari.widgets.session_view import CheckpointPicker
+from semiseg.napari.widgets.training_view import TrainingView
+
+
+class FineTuneWidget(QWidget):
+    """One click: save the corrected labels, fine-tune the current model on them plus a folder's
+    unlabeled scans (separate process), select the new model and re-predict the scan."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.process = None
+        self.job: ThreadJob | None = None
+        self.state: dict[str, Any] = {}
+        self.correction_path: Path | None = None
+        self.new_checkpoint: str | None = None
+        self.image = LayerChoice(napari_viewer, Image, accept=is_scan)
+        self.labels = LayerChoice(napari_viewer, Labels, accept=user_labels)
+        self.model = CheckpointPicker(self.session)
+        self.folder = FolderField("folder of unlabeled scans (or a dataset folder)", "Choose the folder of unlabeled scans")
+        self.use_labels = QCheckBox("also train on the folder's labeled scans, if any")
+        self.use_labels.setChecked(True)
+        self.method = method_choice(("same as the model", None))
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 100_000)
+        self.iterations.setValue(50)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(4)
+        self.lr.setRange(0.0001, 1.0)
+        self.lr.setSingleStep(0.005)
+        self.lr.setValue(0.01)
+        self.device = DevicePicker()
+        self.output = FolderField("where corrections and fine-tuned models go", "Choose the output folder",
+                                  str(default_runs() / "fine-tuning"))
+        box, rows = form()
+        rows.addRow("Scan", self.image)
+        rows.addRow("Corrected labels", self.labels)
+        rows.addRow("Start from", self.model)
+        rows.addRow("Unlabeled scans", self.folder)
+        rows.addRow("", self.use_labels)
+        rows.addRow("Method", self.method)
+        rows.addRow("Iterations", self.iterations)
+        rows.addRow("Learning rate", self.lr)
+        rows.addRow("Device", self.device)
+        rows.addRow("Output", self.output)
+        self.volumes = VolumeTable()
+        self.buttons = JobButtons("Fine-tune on this correction")
+        self.view = TrainingView(self.buttons, "fine-tuning")
+        self.view.sparkline.setVisible(False)
+        self.view.on_event = self._event
+        layout = QVBoxLayout(self)
+        layout.addWidget(box)
+        layout.addWidget(self.volumes)
+        layout.addWidget(self.buttons)
+        layout.addWidget(self.view)
+        layout.addStretch(1)
+        self.buttons.start.clicked.connect(self.run)
+        self.buttons.cancel.clicked.connect(self.cancel)
+        self.volume_timer = later(self, self.show_volumes)
+        self.labels.currentIndexChanged.connect(self._labels_chosen)
+        self.image.currentIndexChanged.connect(lambda index: self.volume_timer.start())
+        self._preselect_correction()
+        self._labels_chosen()
+        self.session.labels_painted.connect(self._painted)
+        self.show_volumes()
+
+    def _preselect_correction(self) -> None:
+        """The label layer painted last; else any but Segment's reference."""
+        painted, reference = self.session.last_painted(), self.session.reference()
+        if painted is not None and painted is not reference:
+            self.labels.set_layer(painted)
+        elif self.labels.layer() is reference:
+            others = [layer for layer in self.labels.layers() if layer is not reference]
+            if others:
+                self.labels.set_layer(others[-1])
+
+    def _painted(self, layer) -> None:
+        try:
+            if layer is not self.session.reference():
+                self.labels.set_layer(layer)
+                self.volume_timer.start()
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
+
+    def _labels_chosen(self, *args) -> None:
+        """The Scan box follows the scan of the chosen corrected labels."""
+        labels = self.labels.layer()
+        scan = scan_of(labels, self.image.layers()) if labels is not None else None
+        if scan is not None:
+            self.image.set_layer(scan)
+        self.volume_timer.start()
+
+    def show_volumes(self) -> None:
+        """Per-class volumes of the scan's prediction (as the model made it) beside the correction's."""
+        image, labels = self.image.layer(), self.labels.layer()
+        prediction = prediction_of(self.viewer, image) if image is not None else None
+        self.volumes.show_columns(*volume_columns(prediction, labels))
+
+    def run(self) -> None:
+        from semiseg.models import read_record
+        from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
+        from semiseg.napari.preflight import check_unlabeled_folder
+
+        if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
+            return
+        image, labels, checkpoint = self.image.layer(), self.labels.layer(), self.model.path()
+        try:
+            if image is None or labels is None:
+                raise InputError("choose the scan and the corrected Labels layer")
+            if not checkpoint:
+                raise InputError("choose the model to start from (Segment or Train first, or Browse…)")
+            if not self.folder.text():
+                raise InputError("choose the folder of unlabeled scans to train with")
+            if not self.output.text():
+                raise InputError("choose an output folder")
+            self.device.device()
+            check_unlabeled_folder(self.folder.text())
+            volume = volume_from_layer(image)
+            correction = volume_from_layer(labels, copy=True)
+            if correction.shape != volume.shape:
+                raise InputError(f"'{labels.name}' has shape {correction.shape}, the scan {volume.shape}; choose the scan's labels")
+            check_labels(correction.array, read_record(checkpoint).class_names, labels.name)
+            if not correction.array.any():
+                show_warning(f"semiseg: '{labels.name}' is empty: fine-tuning will learn that this scan holds no structure")
+            output = Path(self.output.text()).expanduser()
+            # The correction is saved before anything else runs: whatever happens next, it is on disk.
+            correction_volume = Volume(labels_array(correction.array, labels.name), volume.geometry)
+            self.correction_path = save_correction(correction_volume, output, image.name)
+            labels.metadata = {**labels.metadata, "correction_file": str(self.correction_path)}
+            image_path = image_on_disk(volume, image.metadata.get("source_path"), output, image.name)
+            run_dir = output / f"{image.name}-{Path(checkpoint).name}-{stamp()}"
+            config = finetune_config(FineTuneRequest(
+                checkpoint=str(checkpoint), folder=str(Path(self.folder.text()).expanduser()), output=str(run_dir),
+                image_path=str(image_path), label_path=str(self.correction_path), method=self.method.currentData(),
+                iterations=self.iterations.value(), lr=self.lr.value(), device=self.device.name(),
+                use_folder_labels=self.use_labels.isChecked()))
+        except SemisegError as error:
+            show_error(f"semiseg: {one_line(error)}")
+            return
+        except OSError as error:
+            show_error(f"semiseg: {error.filename or ''} {error.strerror or error}")
+            return
+        self.state = {"image": image, "labels": labels, "checkpoint": checkpoint, "device": self.device.device()}
+        self.new_checkpoint = None
+        self.view.failure_note = f" (the correction stays saved: {self.correction_path})"
+        self.process = self.view.start(config, f"correction saved: {self.correction_path}",
+                                       f"correction saved to {self.correction_path.name}; starting fine-tuning…")
+
+    def cancel(self) -> None:
+        if self.process is not None and self.process.running:
+            self.process.stop()
+            self.state["cancelled"] = True
+            self.buttons.cancel.setEnabled(False)
+            self.buttons.status.setText("stopping; the correction stays saved")
+        elif self.job is not None and self.job.running:
+            self.job.stop()
+            self.buttons.cancel.setEnabled(False)
+
+    def _event(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "end":
+            self.new_checkpoint = event.get("checkpoint")
+        elif kind == "exit":
+            if self.new_checkpoint and checkpoints.is_checkpoint(self.new_checkpoint) and not self.state.get("cancelled"):
+                self._accept_new_model(self.new_checkpoint)
+                return
+            self.buttons.busy(False)
+            if self.state.get("cancelled"):
+                self.buttons.status.setText(f"stopped; the correction stays saved: {self.correction_path}")
+
+    def _accept_new_model(self, checkpoint: str) -> None:
+        """The fine-tuned model replaces the current one everywhere and re-predicts the scan.
+
+        This is where the before/after guard belongs (issue 16: score the old and the new model on
+        the held-out cases the model knows, show both Dice values in a panel under the buttons, and
+        keep the old model selected when the new one is worse); it is built in the engine separately.
+        """
+        self.session.finish_run(checkpoint)
+        self._repredict()
+
+    def _repredict(self) -> None:
+        image = self.state["image"]
+        if image not in self.viewer.layers:
+            self.buttons.busy(False)
+            self.buttons.status.setText(f"fine-tuned: {self.new_checkpoint} (the scan's layer was closed, so no new prediction)")
+            return
+        try:
+            volume = volume_from_layer(image)
+        except SemisegError as error:
+            self.buttons.busy(False)
+            show_error(f"semiseg: {one_line(error)}")
+            return
+        self.buttons.status.setText("fine-tuned; predicting the scan again…")
+        self.buttons.set_fraction(0.0)
+        self.job = ThreadJob(f"semiseg: re-predicting {image.name}",
+                             jobs.segment_job(volume, self.new_checkpoint, self.state["device"], False),
+                             self._repredicted, lambda e: self.buttons.set_fraction(e.get("fraction")))
+        self.job.start()
+
+    def _repredicted(self, status: str, value) -> None:
+        self.buttons.busy(False)
+        image, labels = self.state["image"], self.state["labels"]
+        if status != "ok":
+            self.buttons.status.setText(f"fine-tuned ({self.new_checkpoint}); re-prediction {status}: {value or ''}")
+            if status == "error":
+                show_error(f"semiseg: {value}")
+            return
+        if labels in self.viewer.layers and labels.name == f"{image.name} prediction":
+            # The user corrected the prediction layer itself: it stays as the correction.
+            labels.name = f"{image.name} correction"
+            labels.metadata = {**labels.metadata, "role": "correction"}
+        show_segmentation(self.viewer, image, value, protect=(labels,))
+        if labels in self.viewer.layers:
+            self.labels.set_layer(labels)  # the prediction became the active layer; the correction stays chosen here
+        self.show_volumes()
+        self.buttons.set_fraction(1.0)
+        self.buttons.status.setText(f"done: correction saved as {self.correction_path.name}; new model {self.new_checkpoint} "
+                                    "(selected); prediction updated")
+        show_info(f"semiseg: fine-tuned model {self.new_checkpoint}; prediction updated")
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        if self.process is not None and self.process.running:
+            self.process.stop()
+        super().closeEvent(event)
+

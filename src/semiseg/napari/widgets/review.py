@@ -1,0 +1,159 @@
+"""The Review queue widget: predict a folder of scans, rank them most uncertain first, open the next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+
+from semiseg.errors import InputError, SemisegError
+from semiseg.napari import checkpoints, jobs
+from semiseg.napari.checkpoints import read_record_or_none
+from semiseg.napari.session import session_for
+from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form
+from semiseg.napari.widgets.display import show_prediction
+from semiseg.napari.widgets.formatting import one_line
+from semiseg.napari.widgets.session_view import CheckpointPicker
+
+
+class ReviewWidget(QWidget):
+    """Predict a folder of scans, rank them most uncertain first, open the next one to review."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session_for(napari_viewer)
+        self.job: ThreadJob | None = None
+        self.folder = FolderField("folder of unlabeled scans", "Choose a folder of scans to review")
+        self.model = CheckpointPicker(self.session)
+        self.device = DevicePicker()
+        box, rows = form()
+        rows.addRow("Scans", self.folder)
+        rows.addRow("Model", self.model)
+        rows.addRow("Device", self.device)
+        self.buttons = JobButtons("Rank by uncertainty")
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["#", "scan", "uncertainty", "reviewed"])
+        self.table.verticalHeader().setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setMinimumHeight(160)
+        self.open_next = QPushButton("Open next most uncertain")
+        self.open_next.setEnabled(False)
+        layout = QVBoxLayout(self)
+        layout.addWidget(box)
+        layout.addWidget(self.buttons)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.open_next)
+        self.buttons.start.clicked.connect(self.rank)
+        self.buttons.cancel.clicked.connect(lambda: self.job.stop() if self.job else None)
+        self.open_next.clicked.connect(self.next)
+        self.table.cellDoubleClicked.connect(lambda row, column: self.open_entry(self.queue.entries[row]) if self.queue else None)
+        self.session.review_changed.connect(self.refresh)
+        self.refresh()
+
+    @property
+    def queue(self):
+        """The window's review queue: every Review widget of the window shows the same one."""
+        return self.session.review_queue
+
+    def rank(self) -> None:
+        from semiseg.models import read_record
+        from semiseg.napari.review import ReviewQueue, list_scans
+
+        if self.job is not None and self.job.running:
+            return
+        folder, checkpoint = self.folder.text(), self.model.path()
+        try:
+            if not folder:
+                raise InputError("choose a folder of scans")
+            if not checkpoint:
+                raise InputError("choose a model first (Train, or Browse…)")
+            device = self.device.device()
+            list_scans(folder)
+            queue = ReviewQueue(Path(folder).expanduser(), checkpoint, read_record(checkpoint).weights_sha256)
+        except SemisegError as error:
+            show_error(f"semiseg: {one_line(error)}")
+            return
+
+        def run(progress, should_stop):
+            model = checkpoints.MODELS.get(checkpoint, device)
+            return queue.rank(model, device, jobs.segment, progress, should_stop)
+
+        self.session.review_queue = queue
+        self.buttons.busy(True)
+        self.buttons.set_fraction(0.0)
+        self.buttons.status.setText("predicting the scans…")
+        self.job = ThreadJob(f"semiseg: ranking {Path(folder).name}", run, self._ranked, self._progress)
+        self.job.start()
+
+    def _progress(self, event: dict) -> None:
+        self.buttons.set_fraction(event.get("fraction"))
+        self.buttons.status.setText(event.get("text", ""))
+
+    def _ranked(self, status: str, value) -> None:
+        self.buttons.busy(False)
+        if status == "error":
+            show_error(f"semiseg: {value}")
+            self.buttons.status.setText(f"failed: {value}")
+            return
+        if status == "cancelled":
+            self.buttons.status.setText("cancelled; scans predicted so far are kept for next time")
+            return
+        self.buttons.set_fraction(1.0)
+        failed = [e for e in self.queue.entries if e.error]
+        self.buttons.status.setText(f"{len(self.queue.entries) - len(failed)} scans ranked, most uncertain first"
+                                    + (f"; {len(failed)} could not be read (hover them)" if failed else ""))
+        self.session.review_changed.emit()
+
+    def refresh(self) -> None:
+        entries = self.queue.entries if self.queue else []
+        try:
+            self.table.setRowCount(len(entries))
+            for row, entry in enumerate(entries):
+                score = "error" if entry.error else ("" if entry.score is None else f"{entry.score:.4f}")
+                for column, text in enumerate([str(row + 1), entry.name, score, "✓" if entry.reviewed else ""]):
+                    item = QTableWidgetItem(text)
+                    item.setToolTip(entry.error or entry.scan)
+                    self.table.setItem(row, column, item)
+            self.open_next.setEnabled(self.queue is not None and self.queue.next_unreviewed() is not None)
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
+
+    def next(self):
+        entry = self.queue.next_unreviewed() if self.queue else None
+        if entry is None:
+            show_info("semiseg: every ranked scan has been reviewed")
+            return None
+        return self.open_entry(entry)
+
+    def open_entry(self, entry):
+        from semiseg.io import read_volume
+        from semiseg.napari._reader import read_layers
+
+        if entry.labels is None:
+            show_error(f"semiseg: {entry.name} has no prediction ({entry.error or 'not ranked yet'})")
+            return None
+        try:
+            data, attributes, _ = read_layers(entry.scan)[0]
+            labels = read_volume(entry.labels)
+            entropy = read_volume(entry.entropy) if entry.entropy else None
+        except SemisegError as error:
+            show_error(f"semiseg: {one_line(error)}")
+            return None
+        image = self.viewer.add_image(data, **attributes)
+        record = read_record_or_none(self.queue.checkpoint)
+        model = {"checkpoint": self.queue.checkpoint, "checkpoint_sha256": record and record.weights_sha256, "method": record and record.method}
+        layers = show_prediction(self.viewer, image, labels, record.class_names if record is not None else {}, entry.score, model,
+                                 [("entropy", entropy)] if entropy is not None else [])
+        self.viewer.layers.selection.active = layers["prediction"]
+        self.queue.mark_reviewed(entry)
+        self.session.review_changed.emit()
+        self.table.selectRow(self.queue.entries.index(entry))
+        self.buttons.status.setText(f"opened {entry.name} (uncertainty {entry.score:.4f})")
+        return image
+
