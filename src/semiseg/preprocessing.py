@@ -15,12 +15,15 @@ import SimpleITK as sitk
 from semiseg.datasets import Case, Dataset, Split
 from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_volume
+from semiseg.labels import channels_to_values, check_label_mapping, values_to_channels
 
 CT_PERCENTILES = (0.5, 99.5)
 # The raw intensity range recorded for the mismatch warnings: robust low end, median, robust high end.
 TRAINING_PERCENTILES = (0.5, 50.0, 99.5)
 VOXELS_SAMPLED_PER_SCAN = 20_000
 _TRAINING_STATISTICS = ("training_percentiles", "training_spacing_range")
+# Fields a plan holds only when set (an older plan without them is written back as it was read).
+_OPTIONAL = (*_TRAINING_STATISTICS, "label_values", "ignore_label")
 
 
 @dataclass
@@ -37,15 +40,26 @@ class Plan:
     # the smallest and largest (z, y, x) spacing in mm among them.
     training_percentiles: tuple[float, float, float] | None = None
     training_spacing_range: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    # The label value each output channel stands for, e.g. (0, 1, 2, 5); None in plans written
+    # before the mapping, whose channel i is label value i.
+    label_values: tuple[int, ...] | None = None
+    # The label value of unannotated voxels (nnU-Net's "ignore"), left out of the loss and the
+    # metrics; None: every voxel of a label is annotated.
+    ignore_label: int | None = None
+
+    @property
+    def channel_values(self) -> tuple[int, ...]:
+        """The label value of each output channel."""
+        return self.label_values if self.label_values is not None else tuple(range(max(self.class_names) + 1))
 
     @property
     def num_classes(self) -> int:
-        return max(self.class_names) + 1
+        return len(self.channel_values)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["class_names"] = {str(k): v for k, v in self.class_names.items()}
-        for key in _TRAINING_STATISTICS:
+        for key in _OPTIONAL:
             if data[key] is None:
                 del data[key]  # an older plan is written back as it was read
         return data
@@ -55,7 +69,7 @@ class Plan:
         data = dict(data)
         data["class_names"] = {int(k): v for k, v in data["class_names"].items()}
         data["patch_size"] = tuple(data["patch_size"])
-        for key in ("target_spacing", "intensity_clip", "training_percentiles"):
+        for key in ("target_spacing", "intensity_clip", "training_percentiles", "label_values"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         if data.get("training_spacing_range") is not None:
@@ -63,9 +77,9 @@ class Plan:
         return cls(**data)
 
     def key(self) -> str:
-        """Identifies what preprocessing produced a cached array (the patch size, classes and the
-        training statistics kept for warnings do not matter)."""
-        ignored = ("patch_size", "class_names", *_TRAINING_STATISTICS)
+        """Identifies what preprocessing produced a cached image (the patch size, classes, label
+        mapping and the training statistics kept for warnings do not matter)."""
+        ignored = ("patch_size", "class_names", *_OPTIONAL)
         fields = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -92,7 +106,13 @@ class Plan:
         return self.normalize(_resample(volume, self.target_grid(volume.geometry, volume.shape), sitk.sitkLinear))
 
     def preprocess_label(self, label: Volume, image: Volume) -> np.ndarray:
-        return _resample(label, self.target_grid(image.geometry, image.shape), sitk.sitkNearestNeighbor).astype(np.uint8)
+        """Uint8 channel indices (z, y, x) on the target grid; ignored voxels hold IGNORE_INDEX."""
+        resampled = _resample(label, self.target_grid(image.geometry, image.shape), sitk.sitkNearestNeighbor)
+        return values_to_channels(resampled, self.channel_values, self.ignore_label)
+
+    def label_map(self, channels: np.ndarray) -> np.ndarray:
+        """Predicted channel indices -> the label values the user's labels use."""
+        return channels_to_values(channels, self.channel_values)
 
     def restore(self, probabilities: np.ndarray, source: Volume) -> np.ndarray:
         """Class probabilities (C, z, y, x) on the target grid -> on the source scan's grid."""
@@ -139,12 +159,13 @@ def read_case(case: Case) -> tuple[Volume, Volume | None]:
     return image, label
 
 
-def check_label_values(label: np.ndarray, class_names: dict[int, str], where: str) -> None:
+def check_label_values(label: np.ndarray, class_names: dict[int, str], where: str, ignore_label: int | None = None) -> None:
     values = np.unique(label)
-    unknown = sorted(set(values.tolist()) - set(class_names))
+    unknown = sorted(set(values.tolist()) - set(class_names) - {ignore_label})
     if unknown:
+        ignored = f" (ignore label {ignore_label})" if ignore_label is not None else ""
         raise InputError(
-            f"{where}: label values {unknown[:5]} are outside the declared classes {sorted(class_names)}"
+            f"{where}: label values {unknown[:5]} are outside the declared classes {sorted(class_names)}{ignored}"
         )
 
 
@@ -156,8 +177,10 @@ def compute_plan(
     size_multiple: int,
     patch_size: tuple[int, int, int] | None = None,
     max_patch: tuple[int, int, int] = (96, 160, 160),
+    ignore_label: int | None = None,
 ) -> Plan:
-    """Target spacing (median), intensity normalisation, patch size and classes from the training cases."""
+    """Target spacing (median), intensity normalisation, patch size, classes and their channels from
+    the training cases; `ignore_label` is the value of unannotated voxels (None: no such value)."""
     by_id = {c.case_id: c for c in dataset.cases}
     train_ids = split.labeled + split.unlabeled
     headers = [_header(by_id[i]) for i in train_ids]
@@ -166,9 +189,11 @@ def compute_plan(
     uniform = np.allclose(spacings, spacings[0], rtol=0.01)
     shapes = np.array([np.array(shape) * np.array(g.spacing_zyx) / np.array(target) for g, shape in headers])
 
-    class_names = dict(dataset.class_names) or _class_names_from_labels([by_id[i] for i in split.labeled])
+    class_names = dict(dataset.class_names) or _class_names_from_labels([by_id[i] for i in split.labeled], ignore_label)
     if 0 not in class_names:
         class_names[0] = "background"
+    label_values = tuple(sorted(class_names))
+    check_label_mapping(label_values, ignore_label)
     if patch_size is None:
         median = np.median(shapes[: len(split.labeled)], axis=0)
         patch_size = tuple(int(max(size_multiple, min(cap, (m // size_multiple) * size_multiple))) for m, cap in zip(median, max_patch))
@@ -177,7 +202,8 @@ def compute_plan(
     elif any(p % size_multiple for p in patch_size):
         raise InputError(f"patch size {patch_size} must be a multiple of {size_multiple} on every side for this network")
 
-    plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore")
+    plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore",
+                label_values=label_values, ignore_label=ignore_label)
     samples = training_intensity_samples([by_id[i] for i in train_ids])
     plan.training_percentiles = tuple(float(v) for v in np.percentile(samples, TRAINING_PERCENTILES))
     plan.training_spacing_range = spacing_range(spacings)
@@ -218,12 +244,12 @@ def sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
     return flat[rng.choice(flat.size, VOXELS_SAMPLED_PER_SCAN, replace=False)]
 
 
-def _class_names_from_labels(cases: list[Case]) -> dict[int, str]:
+def _class_names_from_labels(cases: list[Case], ignore_label: int | None) -> dict[int, str]:
     values: set[int] = set()
     for case in cases:
         _, label = read_case(case)
         values |= set(np.unique(label.array).tolist())  # type: ignore[union-attr]
-    return {v: ("background" if v == 0 else f"class {v}") for v in sorted(values)}
+    return {v: ("background" if v == 0 else f"class {v}") for v in sorted(values - {ignore_label})}
 
 
 # The on-disk cache of preprocessed arrays -------------------------------------------------------
@@ -234,10 +260,13 @@ def cache_root() -> Path:
 
 def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Preprocessed (image, label) of a case, memory-mapped from the cache, computed once."""
-    # The token changes with the image file, the label file, and the classes the label is checked
-    # against: an edited label or a changed class list must not reuse a stale cached label.
+    # The token changes with the image file, the label file, the classes the label is checked
+    # against and their channels: an edited label or a changed class list or mapping must not reuse
+    # a stale cached label (channel i = value i without ignore, the mapping of older plans, adds nothing).
+    identity = plan.channel_values == tuple(range(plan.num_classes)) and plan.ignore_label is None
+    mapping = "" if identity else f"|{plan.channel_values}|{plan.ignore_label}"
     token = hashlib.sha256(
-        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}".encode(errors="surrogateescape")
+        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}{mapping}".encode(errors="surrogateescape")
     ).hexdigest()[:12]
     folder = cache_root() / "preprocessed" / plan.key()
     image_path = folder / f"{case.case_id}-{token}.image.npy"
@@ -247,7 +276,7 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
         image, label = read_case(case)
         _save_atomic(image_path, plan.preprocess_image(image))
         if label is not None:
-            check_label_values(label.array, plan.class_names, case.label or case.image)
+            check_label_values(label.array, plan.class_names, case.label or case.image, plan.ignore_label)
             _save_atomic(label_path, plan.preprocess_label(label, image))
     image_array = np.load(image_path, mmap_mode="r")
     label_array = np.load(label_path, mmap_mode="r") if with_label else None

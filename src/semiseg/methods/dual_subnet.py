@@ -81,6 +81,8 @@ NOT implemented: the paper's "K-fold cross-validation recommended by [7]" (MCF):
 fold of the LA cases, the table the mean over folds. It replaces the fixed train.list/test.list
 split of `semiseg benchmark la` and needs one run per fold; its numbers are not comparable with
 the fixed-split ones.
+Ignore label: supported (only the supervised loss reads the labels; the better subnet is chosen on the
+annotated voxels).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class DualSubnetContrastive(Method):
     name = "dual-subnet"
     summary = ("VNet + ResNet subnets: pseudo-labels from the better subnet on reliable voxels, L1 on confident "
                "disagreements, prototype contrast for unreliable voxels.")
+    handles_ignore_label = True
     defaults = {
         "unlabeled_weight": 1.0,  # lambda_u (paper); 0.1 works far better on the hippocampus benchmark (docstring)
         "unlabeled_rampup": 0.0,  # fraction of the run over which lambda_u warms up; 0: constant (paper)

@@ -48,6 +48,7 @@ without Nesterov; the paper names no schedule and says "initial learning rate", 
 (whose pre-train/self-train wording it shares) lr / 10 every 2500 iterations, restarted in each
 stage (BCP keeps its pre-training rate constant); from the UA-MT code whose VNet it adopts,
 Dropout3d(0.5) and the crop + rotation/flip augmentation ("rotation, and flip operations"); fp32.
+Ignore label: supported (only the supervised loss reads the labels).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class CommonFeaturePredictor(nn.Module):
 class SSCL(Method):
     name = "sscl"
     summary = "Mean Teacher + spectral (FFC) encoder + common features from a reconstruction VNet (Liu et al.)."
+    handles_ignore_label = True
     defaults = {
         "unsup_weight": 0.5,  # lambda, Eq. 6 / Table 5
         "threshold": 0.5,  # pseudo-label confidence, Sec. 3.4 / Fig. 6
