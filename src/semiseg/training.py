@@ -33,7 +33,7 @@ from semiseg.metrics import dice
 from semiseg.methods import build_method, method_class
 from semiseg.methods.base import Method, NetworkSpec, StepInfo
 from semiseg.models import ModelRecord, load_method_weights, load_model, method_weights, read_record
-from semiseg.networks import build_network, size_multiple
+from semiseg.networks import build_network, pooling_options, pools_per_axis, size_multiple
 from semiseg.preprocessing import cached_case, compute_plan
 from semiseg.sampling import IterationBatches, PatchDataset, Volumes
 
@@ -110,13 +110,18 @@ class Trainer:
                 self.plan = dataclasses.replace(self.plan, ignore_label=ignore_label)
         else:
             probe = build_network(config.network, 1, 2, **config.network_options)
-            self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size, ignore_label=ignore_label)
+            self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size, ignore_label=ignore_label,
+                                     per_axis_pooling=pools_per_axis(config.network, config.network_options))
         self.emit({"type": "dataset", "description": self.dataset.describe(), "labeled": len(self.split.labeled),
                    "unlabeled": len(self.split.unlabeled) if method_cls.uses_unlabeled else 0,
                    "validation": len(self.split.validation), "patch_size": list(self.plan.patch_size)})
 
         seed_everything(config.seed)
-        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, dict(config.network_options)),
+        network_options = dict(config.network_options)
+        if self.plan.pooling is not None and pools_per_axis(config.network, network_options) and \
+                any(stride == 1 for stage in self.plan.pooling for stride in stage):  # anisotropic: pool as planned
+            network_options.update(pooling_options(config.network, self.plan.pooling, self.plan.kernel_sizes))
+        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, network_options),
                                            dict(config.method_options), ignore_label=self.plan.ignore_label is not None)
         if config.initial_checkpoint and not config.resume:
             self._initialise_from(config.initial_checkpoint)
