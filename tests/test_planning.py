@@ -8,15 +8,19 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from semiseg.cli import main
 from semiseg.datasets import Case, Dataset, Split, choose_split, load_dataset
+from semiseg.errors import InputError
 from semiseg.inference import predict_volume
 from semiseg.io import read_volume
+from semiseg.methods import build_method
+from semiseg.methods.base import NetworkSpec, StepInfo
 from semiseg.models import load_model
-from semiseg.networks import build_network
+from semiseg.networks import build_network, pooling_options
 from semiseg.preprocessing import compute_plan
 from semiseg.training import TrainConfig, train
 
@@ -96,3 +100,21 @@ def test_the_residual_unet_takes_the_plans_strides_and_kernels():
     with torch.no_grad():
         assert network(torch.zeros(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)
     json.dumps({"strides": strides, "kernel_sizes": kernels})  # the options a checkpoint records are JSON
+
+
+def test_every_method_on_a_pooling_network_trains_on_a_thick_slice_patch(one_thread):
+    """An (8, 32, 32) patch, z pooled 3 times: each method's networks (the spectral encoder of sscl,
+    the second subnet of dual-subnet included) pool as the plan says; a second subnet that cannot is refused."""
+    strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    kernels = [[1, 3, 3]] + [[3, 3, 3]] * 4
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 1, 8, 32, 32, generator=generator)
+    label = torch.randint(0, 3, (2, 1, 8, 32, 32), generator=generator)
+    for name in ("supervised", "mean-teacher", "cps", "sscl", "dual-subnet", "voxel-adversarial", "bcp", "3d-cps"):
+        network = "residual-unet" if name == "3d-cps" else "vnet"
+        method = build_method(name, 1, 3, NetworkSpec(network, {"base_filters": 4, **pooling_options(network, strides, kernels)}))
+        losses = method.training_step({"image": image, "label": label, "image_strong": image},
+                                      {"image": -image, "image_strong": -image}, StepInfo(60, 100))
+        assert all(torch.isfinite(v) for v in losses.values()), name
+    with pytest.raises(InputError, match="second_network 'unet' cannot pool per axis"):
+        build_method("dual-subnet", 1, 3, NetworkSpec("vnet", {"strides": strides}), {"second_network": "unet"})

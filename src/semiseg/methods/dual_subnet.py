@@ -96,7 +96,7 @@ from monai.losses import MaskedDiceLoss
 
 from semiseg.errors import InputError
 from semiseg.methods.base import Batch, Method, StepInfo, sigmoid_rampup
-from semiseg.networks import build_network
+from semiseg.networks import build_network, pools_per_axis
 
 
 class DualSubnetContrastive(Method):
@@ -127,6 +127,12 @@ class DualSubnetContrastive(Method):
             raise InputError("dual-subnet: pseudo_label_to must be 'both' or 'loser'")
         self.networks["subnet_a"] = self.make_network()
         shared = {k: v for k, v in self.network_spec.options.items() if k in ("base_filters", "dropout")}
+        if "strides" in self.network_spec.options:  # anisotropic data: both subnets pool as the plan says
+            second = self.options["second_network"]
+            if not pools_per_axis(second, self.options["second_network_options"]):
+                raise InputError(f"dual-subnet: second_network '{second}' cannot pool per axis as this anisotropic data's plan asks; "
+                                 "use resnet or vnet")
+            shared["strides"] = self.network_spec.options["strides"]
         self.networks["subnet_b"] = build_network(
             self.options["second_network"], self.in_channels, self.num_classes,
             **{**shared, **self.options["second_network_options"]},

@@ -113,7 +113,7 @@ class SSCL(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         spatial = self.make_network()
-        spectral = SpectralEncoder(self.in_channels, spatial.encoder_widths) if self.options["spectral"] else None
+        spectral = SpectralEncoder(self.in_channels, spatial.encoder_widths, getattr(spatial, "strides", None)) if self.options["spectral"] else None
         self.networks["student"] = SpatialSpectralNet(spatial, spectral)
         self.networks["teacher"] = copy.deepcopy(self.networks["student"]).requires_grad_(False)
         if self.options["reconstruction"]:

@@ -57,7 +57,8 @@ def build_network(name: str, in_channels: int, out_channels: int, **options: Any
 
 
 # Networks that take a plan's per-axis pooling, and the options that give it to them.
-_POOLING_OPTIONS = {"vnet": ("strides",), "residual-unet": ("strides", "kernel_sizes"), "plain-unet": ("strides", "kernel_sizes")}
+_POOLING_OPTIONS = {"vnet": ("strides",), "resnet": ("strides",), "residual-unet": ("strides", "kernel_sizes"),
+                    "plain-unet": ("strides", "kernel_sizes")}
 _TOPOLOGY_OPTIONS = {"strides", "kernel_sizes", "patch_size", "downsamplings"}
 
 

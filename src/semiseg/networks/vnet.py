@@ -31,6 +31,15 @@ def _resize(in_channels: int, out_channels: int, up: bool, stride: int | tuple[i
     return nn.Sequential(conv(in_channels, out_channels, stride, stride=stride), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
 
 
+def checked_strides(strides: list[list[int]] | None) -> list[tuple[int, int, int]]:
+    """Four (z, y, x) downsampling strides of 1 or 2 (default: 2 on every axis)."""
+    if strides is None:
+        return [(2, 2, 2)] * 4
+    if len(strides) != 4 or any(len(s) != 3 or not set(s) <= {1, 2} for s in strides):
+        raise InputError(f"network option strides {strides}: give four [z, y, x] strides of 1 or 2")
+    return [tuple(int(v) for v in s) for s in strides]  # type: ignore[misc]
+
+
 def add_decoder(network: nn.Module, widths: list[int], out_channels: int, dropout: bool,
                 strides: list[tuple[int, int, int]] | None = None) -> None:
     """Give network the VNet decoder (`up`, `decoder`, `dropout`, `head`, the names VNet.decode reads);
@@ -55,9 +64,8 @@ class VNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base_filters: int = 16, dropout: bool = False,
                  strides: list[list[int]] | None = None):
         super().__init__()
-        if strides is not None and (len(strides) != 4 or any(len(s) != 3 or not set(s) <= {1, 2} for s in strides)):
-            raise InputError(f"network option strides {strides}: give four [z, y, x] strides of 1 or 2")
-        strides = [tuple(int(v) for v in s) for s in strides] if strides is not None else [(2, 2, 2)] * 4
+        strides = checked_strides(strides)
+        self.strides = strides
         self.reduction = [math.prod(s[axis] for s in strides) for axis in range(3)]
         self.downsamplings = min(int(math.log2(r)) for r in self.reduction)
         widths = [base_filters * 2**level for level in range(5)]
