@@ -89,7 +89,7 @@ def test_thick_slices_keep_their_axis_and_train_a_network_pooling_per_axis(tmp_p
     assert main(["info", str(best)]) == 0
     printed = capsys.readouterr().out
     assert "low-resolution axis: z (its 10th-percentile spacing)" in printed
-    assert "pooling per stage: 1x2x2, 2x2x2, 2x2x2, 2x2x2 (z x y x x)" in printed
+    assert "pooling per stage: 1x2x2, 2x2x2, 2x2x2, 2x2x2 (z, y, x strides)" in printed
 
 
 def test_the_residual_unet_takes_the_plans_strides_and_kernels():

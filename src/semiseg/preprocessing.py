@@ -129,7 +129,7 @@ class Plan:
         """The spacing and pooling choices in one line (`semiseg info`)."""
         spacing = "as each scan" if self.target_spacing is None else " x ".join(f"{v:g}" for v in self.target_spacing) + " mm (z, y, x)"
         low = "none" if self.low_resolution_axis is None else f"{_AXES[self.low_resolution_axis]} (its 10th-percentile spacing)"
-        pooling = "2x2x2 at every stage" if self.pooling is None else ", ".join("x".join(map(str, s)) for s in self.pooling) + " (z x y x x)"
+        pooling = "2x2x2 at every stage" if self.pooling is None else ", ".join("x".join(map(str, s)) for s in self.pooling) + " (z, y, x strides)"
         return f"target spacing: {spacing}  low-resolution axis: {low}  pooling per stage: {pooling}"
 
     def label_map(self, channels: np.ndarray) -> np.ndarray:
@@ -256,9 +256,9 @@ def full_resolution_spacing(spacings_zyx: np.ndarray, shapes_zyx: np.ndarray) ->
 
     The median of each axis; but when the coarsest axis's median spacing is over ANISOTROPY times
     the others' and its voxels under 1/ANISOTROPY of theirs (a 0.7 x 0.7 x 5 mm CT), that axis takes
-    the 10th percentile of its spacings, never finer than the other axes: resampling the thick-slice
-    scans finer along it would invent detail, and resampling the thin-slice ones to the median would
-    discard it."""
+    the 10th percentile of its spacings, never finer than the other axes: the thinner-sliced scans
+    keep more of their detail than at the median, and the axis stays a coarse one (it is not
+    resampled to the fine axes' spacing)."""
     target = np.median(spacings_zyx, axis=0).astype(float)
     axis = int(np.argmax(target))
     others = [a for a in range(3) if a != axis]
