@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--predictions", required=True, help="folder of predicted label maps")
     evaluate.add_argument("--labels", required=True, help="folder of reference label maps (same file names)")
     evaluate.add_argument("--out", required=True, help="output folder")
-    evaluate.add_argument("--checkpoint", help="take class names from this checkpoint")
+    evaluate.add_argument("--checkpoint", help="take class names (and the ignore label) from this checkpoint")
+    evaluate.add_argument("--ignore-label", type=int, metavar="VALUE",
+                          help="label value of unannotated reference voxels, left out of the metrics (default: the checkpoint's)")
     evaluate.add_argument("--voxel-units", action="store_true", help="distances in voxels instead of mm (as the LA tables report)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -279,8 +281,8 @@ def _predict_targets(inputs: list[Path], out: Path, args: argparse.Namespace, mo
             if len(model.predictors()) == 2:
                 targets["disagreement"] = out / f"{name}_disagreement.nii.gz"
         if args.probabilities:
-            for index in sorted(model.plan.class_names):
-                targets[f"p{index}"] = out / f"{name}_probability_{index}.nii.gz"
+            for value in sorted(model.plan.class_names):
+                targets[f"p{value}"] = out / f"{name}_probability_{value}.nii.gz"
         all_targets.append(targets)
     sources = {path.resolve(): path for path in inputs}
     written: dict[Path, Path] = {}
@@ -350,9 +352,9 @@ def _predict(args: argparse.Namespace) -> int:
                     write_volume(prediction.entropy, targets["entropy"], overwrite=args.overwrite)
                 if "disagreement" in targets and prediction.disagreement is not None:
                     write_volume(prediction.disagreement, targets["disagreement"], overwrite=args.overwrite)
-                for index in model.plan.class_names:
-                    if f"p{index}" in targets:
-                        write_volume(Volume(prediction.probabilities[index], volume.geometry), targets[f"p{index}"], overwrite=args.overwrite)
+                for channel, value in enumerate(model.plan.channel_values):
+                    if f"p{value}" in targets:
+                        write_volume(Volume(prediction.probabilities[channel], volume.geometry), targets[f"p{value}"], overwrite=args.overwrite)
                 tqdm.write(f"{path.name}: {targets['labels']}  (uncertainty score {prediction.uncertainty_score():.4f})")
             except SemisegError as error:
                 if single:
@@ -375,15 +377,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from semiseg.metrics import markdown_summary, write_csv
     from semiseg.models import read_record
 
-    class_names = None
+    class_names, ignore_label = None, args.ignore_label
     if args.checkpoint:
-        class_names = {k: v for k, v in read_record(args.checkpoint).class_names.items() if k != 0}
+        record = read_record(args.checkpoint)
+        class_names = {k: v for k, v in record.class_names.items() if k != 0}
+        if ignore_label is None:
+            ignore_label = record.plan.ignore_label
     out = Path(args.out)
     csv_path, md_path = out / "metrics.csv", out / "summary.md"
     for path in (csv_path, md_path):
         if path.exists() and not args.overwrite:
             raise OutputExistsError(f"{path} exists; refusing to overwrite it (use --overwrite)")
-    rows = _evaluate_ignoring_maps(Path(args.predictions), Path(args.labels), class_names, args.voxel_units)
+    rows = _evaluate_ignoring_maps(Path(args.predictions), Path(args.labels), class_names, args.voxel_units, ignore_label)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, csv_path)
     summary = markdown_summary(rows, f"Evaluation of {args.predictions}", unit="voxels" if args.voxel_units else "mm")
@@ -396,7 +401,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 _MAP_NAME = re.compile(r"^(?P<case>.+)_(entropy|disagreement|probability_\d+)$")
 
 
-def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_units: bool) -> list[dict]:
+def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_units: bool, ignore_label: int | None) -> list[dict]:
     """evaluate_folders, leaving out the uncertainty and probability maps `predict` writes beside
     its label maps (CASE_entropy, CASE_disagreement, CASE_probability_N) when CASE is a prediction
     or a label; a label named like a map still counts as a case."""
@@ -409,7 +414,7 @@ def _evaluate_ignoring_maps(predictions: Path, labels: Path, class_names, voxel_
         and name not in references
     }
     kept = {name: path for name, path in predicted.items() if name not in maps}
-    return evaluate_pairs(pair_cases(kept, references, predictions, labels), class_names, voxel_units)
+    return evaluate_pairs(pair_cases(kept, references, predictions, labels), class_names, voxel_units, ignore_label)
 
 
 # benchmark --------------------------------------------------------------------------------------
@@ -447,13 +452,20 @@ def _info(args: argparse.Namespace) -> int:
         f"network: {record.network}  options: {json.dumps(record.network_options)}",
         f"preset: {(record.train_config or {}).get('preset') or 'none'}",
         f"classes: {', '.join(f'{k}={v}' for k, v in record.class_names.items())}",
-        f"patch: {tuple(plan.patch_size)}  target spacing: {plan.target_spacing or 'as each scan'}  normalisation: {plan.normalization}",
+        f"output channels -> label values: {_channel_mapping(plan)}  ignore label: {plan.ignore_label if plan.ignore_label is not None else 'none'}",
+        f"patch: {tuple(plan.patch_size)}  normalisation: {plan.normalization}",
+        plan.describe_geometry(),
         f"data: {record.data}  " + (f"labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, validation {len(split.validation)}, seed {split.seed}" if split else "no split recorded"),
         f"iteration: {record.iteration} of {record.iterations}  best validation Dice: {best if best is not None else 'n/a'}",
         f"written by: {', '.join(f'{k} {v}' for k, v in record.versions.items())}",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _channel_mapping(plan) -> str:
+    text = ", ".join(f"{channel}->{value}" for channel, value in enumerate(plan.channel_values))
+    return text + ("" if plan.label_values is not None else " (channel i is label value i: a plan from before the mapping)")
 
 
 # export-model -----------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class TrainConfig:
     batch_size: int = _setting(2, "labeled patches per iteration (as many unlabeled)", at_least=1)
     patch_size: tuple[int, int, int] | None = _setting(None, "patch size in voxels (default: from the data)", flag="--patch", at_least=1,
                                                        type=int, nargs=3, metavar=("Z", "Y", "X"))
+    ignore_label: int | None = _setting(None, "label value of unannotated voxels (nnU-Net's ignore label, e.g. 255), left out of the "
+                                        "loss and the metrics (default: the \"ignore\" value of dataset.json's labels, if any)",
+                                        type=int, metavar="VALUE")
     optimizer: str = _setting("sgd", "optimizer (poly learning-rate decay)", choices=["sgd", "adamw"])
     # The papers use 0.01 over 6000 iterations; 0.05 converges in CPU-sized budgets (300 it: Dice 0.81 vs 0.00 on hippocampus).
     lr: float = _setting(0.05, "initial learning rate", above=0)

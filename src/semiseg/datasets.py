@@ -2,7 +2,7 @@
 
 Layouts, detected automatically:
 - MSD / nnU-Net: `imagesTr/` (+ `labelsTr/`), optional `imagesTs/` (unlabeled), `_0000` channel
-  suffix, class names from `dataset.json`;
+  suffix, class names (and nnU-Net v2's `"ignore"` label value) from `dataset.json`;
 - plain: `images/` + `labels/` with matching names;
 - the LA benchmark tree: one folder per case holding `mri_norm2.h5` (`image` and `label`).
 Images without a label are unlabeled; `extra_unlabeled` folders add more.
@@ -44,6 +44,7 @@ class Dataset:
     class_names: dict[int, str]
     modality: str = "MR"
     missing: list[str] = field(default_factory=list)  # ids listed by the dataset but absent on disk
+    ignore_label: int | None = None  # the label value of unannotated voxels (dataset.json's "ignore")
 
     @property
     def labeled(self) -> list[Case]:
@@ -56,6 +57,8 @@ class Dataset:
     def describe(self) -> str:
         names = ", ".join(f"{k}={v}" for k, v in sorted(self.class_names.items()))
         text = f"{self.layout} dataset: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled; modality {self.modality}; classes {names}"
+        if self.ignore_label is not None:
+            text += f"; ignore label {self.ignore_label}"
         if self.missing:
             text += f"; {len(self.missing)} listed cases absent ({', '.join(self.missing[:3])}{'...' if len(self.missing) > 3 else ''})"
         return text
@@ -157,7 +160,7 @@ def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Datas
     if orphans:
         raise InputError(f"{labels}: labels without an image: {', '.join(orphans[:5])}")
     cases = [Case(cid, str(path), str(label_files[cid]) if cid in label_files else None) for cid, path in sorted(image_files.items())]
-    return Dataset(str(root), layout, cases, class_names_in(root), _modality(root))
+    return Dataset(str(root), layout, cases, class_names_in(root), _modality(root), ignore_label=ignore_label_in(root))
 
 
 def _msd(root: Path) -> Dataset:
@@ -195,16 +198,29 @@ def _dataset_json(root: Path) -> dict:
     return data
 
 
-def class_names_in(root: str | os.PathLike) -> dict[int, str]:
-    """Class names from the dataset.json of a dataset folder; {} when it names none (they are then
-    filled from the label values when the cases are preprocessed)."""
-    labels = _dataset_json(Path(root)).get("labels")
+IGNORE_NAME = "ignore"  # nnU-Net v2's name of the label value of unannotated voxels
+
+
+def _labels_by_value(root: Path) -> dict[int, str]:
+    """The "labels" map of a dataset.json as {value: name}, ignore label included."""
+    labels = _dataset_json(root).get("labels")
     if isinstance(labels, dict) and labels:
         # nnU-Net v1 writes {"0": "background"}; v2 writes {"background": 0}.
         if all(str(k).strip().isdigit() for k in labels):
             return {int(k): str(v) for k, v in labels.items()}
         return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
     return {}
+
+
+def class_names_in(root: str | os.PathLike) -> dict[int, str]:
+    """Class names from the dataset.json of a dataset folder, without the ignore label; {} when it
+    names none (they are then filled from the label values when the cases are preprocessed)."""
+    return {value: name for value, name in _labels_by_value(Path(root)).items() if name != IGNORE_NAME}
+
+
+def ignore_label_in(root: str | os.PathLike) -> int | None:
+    """The value dataset.json's "labels" names "ignore" (nnU-Net v2: unannotated voxels), or None."""
+    return next((value for value, name in _labels_by_value(Path(root)).items() if name == IGNORE_NAME), None)
 
 
 def class_names_near(label_path: str | os.PathLike) -> dict[int, str] | None:

@@ -107,8 +107,8 @@ def disagreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    labels: Volume  # uint8 label map on the source grid
-    probabilities: np.ndarray  # (C, z, y, x) mean class probabilities on the source grid
+    labels: Volume  # label map on the source grid, in the label values of the plan's classes (uint8 up to 255)
+    probabilities: np.ndarray  # (C, z, y, x) mean class probabilities on the source grid, channel c = plan.channel_values[c]
     entropy: Volume
     disagreement: Volume | None
 
@@ -135,7 +135,7 @@ def predict_volume(
     per_network = predict_probabilities(image, predictors, plan.patch_size, device, overlap, tta, sw_batch_size, progress)
     per_network = np.stack([plan.restore(p, volume) for p in per_network])
     mean = per_network.mean(0)
-    labels = mean.argmax(0).astype(np.uint8)
+    labels = plan.label_map(mean.argmax(0))
     second = Volume(disagreement(per_network[0], per_network[1]), volume.geometry) if len(per_network) == 2 else None
     return Prediction(Volume(labels, volume.geometry), mean, Volume(entropy(mean), volume.geometry), second)
 

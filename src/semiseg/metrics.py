@@ -104,16 +104,54 @@ def case_metrics(
     reference: np.ndarray,
     class_ids: Sequence[int],
     spacing: Spacing | None = None,
+    ignore_label: int | None = None,
 ) -> dict[int, dict[str, float]]:
-    """``binary_metrics`` of each foreground class (voxels equal to the class id) of two label maps."""
+    """``binary_metrics`` of each foreground class (voxels equal to the class id) of two label maps.
+
+    Voxels whose reference is ``ignore_label`` (unannotated) are in neither mask of any class. Each
+    class is measured on its bounding box (prediction ∪ reference, one voxel of margin), the boxes
+    of all classes found in one pass over each map: with many classes no class costs a pass over
+    the whole volume, and the results are those of the whole volume (``binary_metrics`` crops the
+    same way).
+    """
     prediction = np.asarray(prediction)
     reference = np.asarray(reference)
     if prediction.shape != reference.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from reference shape {reference.shape}")
-    return {
-        int(class_id): binary_metrics(prediction == class_id, reference == class_id, spacing)
-        for class_id in class_ids
-    }
+    if ignore_label is not None:
+        prediction = np.where(reference == ignore_label, reference, prediction)  # no class is predicted there
+    predicted_boxes, reference_boxes = _class_boxes(prediction, class_ids), _class_boxes(reference, class_ids)
+    results = {}
+    for class_id in class_ids:
+        if class_id > 0:
+            box = _union_box([predicted_boxes[int(class_id)], reference_boxes[int(class_id)]], prediction.shape, margin=1)
+        else:  # background (or a negative id): no box is smaller than the volume
+            box = (slice(None),) * prediction.ndim
+        results[int(class_id)] = binary_metrics(prediction[box] == class_id, reference[box] == class_id, spacing)
+    return results
+
+
+def _class_boxes(labels: np.ndarray, class_ids: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+    """The bounding box of each positive class id in a label map (None where absent), in one pass."""
+    positive = [int(c) for c in class_ids if c > 0]
+    if not positive:
+        return {}
+    if labels.dtype.kind == "b":
+        labels = labels.view(np.uint8)
+    elif labels.dtype.kind not in "iu":  # float maps: only whole values can equal a class id
+        labels = np.where(np.mod(labels, 1) == 0, labels, 0).astype(np.int64)
+    boxes = ndimage.find_objects(labels, max_label=max(positive))
+    return {class_id: boxes[class_id - 1] for class_id in positive}
+
+
+def _union_box(boxes: Sequence[tuple[slice, ...] | None], shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
+    present = [box for box in boxes if box is not None]
+    if not present:
+        return (slice(0, 0),) * len(shape)  # the class is in neither map: empty masks
+    return tuple(
+        slice(max(min(box[axis].start for box in present) - margin, 0), min(max(box[axis].stop for box in present) + margin, size))
+        for axis, size in enumerate(shape)
+    )
 
 
 def _sampling(spacing: Spacing | float | None, ndim: int) -> tuple[float, ...] | None:
@@ -261,19 +299,20 @@ def evaluate_folders(
     label_dir: str | os.PathLike,
     class_names: dict[int, str] | None,
     voxel_units: bool = False,
+    ignore_label: int | None = None,
 ) -> list[dict]:
     """Per-case, per-class metrics of the predictions in one folder against the labels in another.
 
     Files are paired by name without the volume suffix ("case_01.nii.gz" <-> "case_01.nrrd").
     Distances use the label's spacing in mm, or voxels with ``voxel_units``. With
     ``class_names=None`` the classes are the sorted nonzero values found in the labels, named
-    by their value. Returns rows {"case", "class", "dice", "jaccard", "hd95", "asd"}, sorted by
-    case then class id. Raises InputError for unpaired files, unreadable volumes or grids that
-    differ.
+    by their value (the ``ignore_label`` of unannotated voxels is no class: its voxels are left
+    out). Returns rows {"case", "class", "dice", "jaccard", "hd95", "asd"}, sorted by case then
+    class id. Raises InputError for unpaired files, unreadable volumes or grids that differ.
     """
     predictions = volume_files(prediction_dir, "prediction")
     labels = volume_files(label_dir, "label")
-    return evaluate_pairs(pair_cases(predictions, labels, prediction_dir, label_dir), class_names, voxel_units)
+    return evaluate_pairs(pair_cases(predictions, labels, prediction_dir, label_dir), class_names, voxel_units, ignore_label)
 
 
 def pair_cases(predictions: Mapping[str, Path], labels: Mapping[str, Path], prediction_dir: str | os.PathLike,
@@ -298,16 +337,17 @@ def evaluate_pairs(
     pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]],
     class_names: dict[int, str] | None,
     voxel_units: bool = False,
+    ignore_label: int | None = None,
 ) -> list[dict]:
-    """Per-case, per-class metrics of (case, prediction file, label file) triples; the rest as
-    `evaluate_folders`."""
+    """Per-case, per-class metrics of (case, prediction file, label file) triples, the voxels labeled
+    ``ignore_label`` (unannotated) left out; the rest as `evaluate_folders`."""
     pairs = [(case, Path(prediction), Path(label)) for case, prediction, label in pairs]
     if class_names is None:
         found: set[int] = set()
         for _, _, label_path in pairs:
             values = np.unique(_read_label(label_path).array)
             found.update(_class_ids(values, label_path))
-        class_names = {class_id: str(class_id) for class_id in sorted(found - {0})}
+        class_names = {class_id: str(class_id) for class_id in sorted(found - {0, ignore_label})}
     class_ids = sorted(int(c) for c in class_names)
 
     rows: list[dict] = []
@@ -321,7 +361,7 @@ def evaluate_pairs(
             message = str(error).replace(": label ", ": prediction ", 1).replace(" its image's", " its label's")
             raise InputError(f"{message} ({label_path})") from None
         spacing = None if voxel_units else label.geometry.spacing_zyx
-        for class_id, values in case_metrics(prediction.array, label.array, class_ids, spacing).items():
+        for class_id, values in case_metrics(prediction.array, label.array, class_ids, spacing, ignore_label).items():
             rows.append({"case": case, "class": class_names[class_id], **values})
     return rows
 

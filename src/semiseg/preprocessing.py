@@ -15,12 +15,22 @@ import SimpleITK as sitk
 from semiseg.datasets import Case, Dataset, Split
 from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_volume
+from semiseg.labels import channels_to_values, check_label_mapping, values_to_channels
 
 CT_PERCENTILES = (0.5, 99.5)
 # The raw intensity range recorded for the mismatch warnings: robust low end, median, robust high end.
 TRAINING_PERCENTILES = (0.5, 50.0, 99.5)
 VOXELS_SAMPLED_PER_SCAN = 20_000
+# nnU-Net's planning rules: an axis whose spacing is over 3x the others' (and whose voxels are under a
+# third of theirs) is a low-resolution axis; an axis is pooled, and convolved 3 wide, only while its
+# spacing is within 2x the finest axis's.
+ANISOTROPY = 3.0
+POOLING_RATIO = 2.0
+LOW_RESOLUTION_PERCENTILE = 10
 _TRAINING_STATISTICS = ("training_percentiles", "training_spacing_range")
+# Fields a plan holds only when set (an older plan without them is written back as it was read).
+_OPTIONAL = (*_TRAINING_STATISTICS, "label_values", "ignore_label", "low_resolution_axis", "pooling", "kernel_sizes")
+_AXES = "zyx"
 
 
 @dataclass
@@ -37,15 +47,33 @@ class Plan:
     # the smallest and largest (z, y, x) spacing in mm among them.
     training_percentiles: tuple[float, float, float] | None = None
     training_spacing_range: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    # The label value each output channel stands for, e.g. (0, 1, 2, 5); None in plans written
+    # before the mapping, whose channel i is label value i.
+    label_values: tuple[int, ...] | None = None
+    # The label value of unannotated voxels (nnU-Net's "ignore"), left out of the loss and the
+    # metrics; None: every voxel of a label is annotated.
+    ignore_label: int | None = None
+    # Anisotropic data, planned as nnU-Net plans it: the low-resolution axis (0 = z) whose target
+    # spacing is the 10th percentile of the training spacings rather than the median; and for the
+    # networks that take them, the (z, y, x) strides of each downsampling and the kernel sizes of
+    # each stage (None: the network pools every axis alike).
+    low_resolution_axis: int | None = None
+    pooling: tuple[tuple[int, int, int], ...] | None = None
+    kernel_sizes: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def channel_values(self) -> tuple[int, ...]:
+        """The label value of each output channel."""
+        return self.label_values if self.label_values is not None else tuple(range(max(self.class_names) + 1))
 
     @property
     def num_classes(self) -> int:
-        return max(self.class_names) + 1
+        return len(self.channel_values)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["class_names"] = {str(k): v for k, v in self.class_names.items()}
-        for key in _TRAINING_STATISTICS:
+        for key in _OPTIONAL:
             if data[key] is None:
                 del data[key]  # an older plan is written back as it was read
         return data
@@ -55,17 +83,18 @@ class Plan:
         data = dict(data)
         data["class_names"] = {int(k): v for k, v in data["class_names"].items()}
         data["patch_size"] = tuple(data["patch_size"])
-        for key in ("target_spacing", "intensity_clip", "training_percentiles"):
+        for key in ("target_spacing", "intensity_clip", "training_percentiles", "label_values"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
-        if data.get("training_spacing_range") is not None:
-            data["training_spacing_range"] = tuple(tuple(bound) for bound in data["training_spacing_range"])
+        for key in ("training_spacing_range", "pooling", "kernel_sizes"):
+            if data.get(key) is not None:
+                data[key] = tuple(tuple(row) for row in data[key])
         return cls(**data)
 
     def key(self) -> str:
-        """Identifies what preprocessing produced a cached array (the patch size, classes and the
-        training statistics kept for warnings do not matter)."""
-        ignored = ("patch_size", "class_names", *_TRAINING_STATISTICS)
+        """Identifies what preprocessing produced a cached image (the patch size, classes, label
+        mapping and the training statistics kept for warnings do not matter)."""
+        ignored = ("patch_size", "class_names", *_OPTIONAL)
         fields = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -92,7 +121,20 @@ class Plan:
         return self.normalize(_resample(volume, self.target_grid(volume.geometry, volume.shape), sitk.sitkLinear))
 
     def preprocess_label(self, label: Volume, image: Volume) -> np.ndarray:
-        return _resample(label, self.target_grid(image.geometry, image.shape), sitk.sitkNearestNeighbor).astype(np.uint8)
+        """Uint8 channel indices (z, y, x) on the target grid; ignored voxels hold IGNORE_INDEX."""
+        resampled = _resample(label, self.target_grid(image.geometry, image.shape), sitk.sitkNearestNeighbor)
+        return values_to_channels(resampled, self.channel_values, self.ignore_label)
+
+    def describe_geometry(self) -> str:
+        """The spacing and pooling choices in one line (`semiseg info`)."""
+        spacing = "as each scan" if self.target_spacing is None else " x ".join(f"{v:g}" for v in self.target_spacing) + " mm (z, y, x)"
+        low = "none" if self.low_resolution_axis is None else f"{_AXES[self.low_resolution_axis]} (its 10th-percentile spacing)"
+        pooling = "2x2x2 at every stage" if self.pooling is None else ", ".join("x".join(map(str, s)) for s in self.pooling) + " (z, y, x strides)"
+        return f"target spacing: {spacing}  low-resolution axis: {low}  pooling per stage: {pooling}"
+
+    def label_map(self, channels: np.ndarray) -> np.ndarray:
+        """Predicted channel indices -> the label values the user's labels use."""
+        return channels_to_values(channels, self.channel_values)
 
     def restore(self, probabilities: np.ndarray, source: Volume) -> np.ndarray:
         """Class probabilities (C, z, y, x) on the target grid -> on the source scan's grid."""
@@ -139,12 +181,13 @@ def read_case(case: Case) -> tuple[Volume, Volume | None]:
     return image, label
 
 
-def check_label_values(label: np.ndarray, class_names: dict[int, str], where: str) -> None:
+def check_label_values(label: np.ndarray, class_names: dict[int, str], where: str, ignore_label: int | None = None) -> None:
     values = np.unique(label)
-    unknown = sorted(set(values.tolist()) - set(class_names))
+    unknown = sorted(set(values.tolist()) - set(class_names) - {ignore_label})
     if unknown:
+        ignored = f" (ignore label {ignore_label})" if ignore_label is not None else ""
         raise InputError(
-            f"{where}: label values {unknown[:5]} are outside the declared classes {sorted(class_names)}"
+            f"{where}: label values {unknown[:5]} are outside the declared classes {sorted(class_names)}{ignored}"
         )
 
 
@@ -156,28 +199,45 @@ def compute_plan(
     size_multiple: int,
     patch_size: tuple[int, int, int] | None = None,
     max_patch: tuple[int, int, int] = (96, 160, 160),
+    ignore_label: int | None = None,
+    per_axis_pooling: bool = False,
 ) -> Plan:
-    """Target spacing (median), intensity normalisation, patch size and classes from the training cases."""
+    """Target spacing, intensity normalisation, patch size, classes and their channels from the
+    training cases; `ignore_label` is the value of unannotated voxels (None: no such value). With
+    `per_axis_pooling` (a network that takes per-axis strides), the log2(size_multiple)
+    downsamplings pool each axis by nnU-Net's rule and the patch is a multiple of each axis's pooling."""
     by_id = {c.case_id: c for c in dataset.cases}
     train_ids = split.labeled + split.unlabeled
     headers = [_header(by_id[i]) for i in train_ids]
     spacings = np.array([g.spacing_zyx for g, _ in headers])
-    target = tuple(float(v) for v in np.median(spacings, axis=0))
+    target, low_resolution_axis = full_resolution_spacing(spacings, np.array([shape for _, shape in headers]))
     uniform = np.allclose(spacings, spacings[0], rtol=0.01)
+    if uniform:  # no resampling at all
+        target, low_resolution_axis = tuple(float(v) for v in np.median(spacings, axis=0)), None
     shapes = np.array([np.array(shape) * np.array(g.spacing_zyx) / np.array(target) for g, shape in headers])
+    pooling = kernel_sizes = None
+    multiples = (size_multiple,) * 3
+    if per_axis_pooling:
+        pooling, kernel_sizes = pooling_schedule(target, int(np.log2(size_multiple)))
+        multiples = tuple(int(np.prod([stage[axis] for stage in pooling])) for axis in range(3))
 
-    class_names = dict(dataset.class_names) or _class_names_from_labels([by_id[i] for i in split.labeled])
+    class_names = dict(dataset.class_names) or _class_names_from_labels([by_id[i] for i in split.labeled], ignore_label)
     if 0 not in class_names:
         class_names[0] = "background"
+    label_values = tuple(sorted(class_names))
+    check_label_mapping(label_values, ignore_label)
     if patch_size is None:
         median = np.median(shapes[: len(split.labeled)], axis=0)
-        patch_size = tuple(int(max(size_multiple, min(cap, (m // size_multiple) * size_multiple))) for m, cap in zip(median, max_patch))
+        patch_size = tuple(int(max(k, min(cap, (m // k) * k))) for m, cap, k in zip(median, max_patch, multiples))
     elif len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
         raise InputError(f"patch size {tuple(patch_size)}: give three positive sizes (z y x)")
-    elif any(p % size_multiple for p in patch_size):
-        raise InputError(f"patch size {patch_size} must be a multiple of {size_multiple} on every side for this network")
+    elif any(p % k for p, k in zip(patch_size, multiples)):
+        sides = f"{multiples[0]}" if len(set(multiples)) == 1 else " x ".join(map(str, multiples)) + " (z, y, x)"
+        raise InputError(f"patch size {patch_size} must be a multiple of {sides} on every side for this network")
 
-    plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore")
+    plan = Plan(class_names, tuple(int(p) for p in patch_size), None if uniform else target, "zscore",
+                label_values=label_values, ignore_label=ignore_label, low_resolution_axis=low_resolution_axis,
+                pooling=pooling, kernel_sizes=kernel_sizes)
     samples = training_intensity_samples([by_id[i] for i in train_ids])
     plan.training_percentiles = tuple(float(v) for v in np.percentile(samples, TRAINING_PERCENTILES))
     plan.training_spacing_range = spacing_range(spacings)
@@ -189,6 +249,39 @@ def compute_plan(
         plan.intensity_clip = (float(lo), float(hi))
         plan.intensity_mean, plan.intensity_std = float(clipped.mean()), float(clipped.std())
     return plan
+
+
+def full_resolution_spacing(spacings_zyx: np.ndarray, shapes_zyx: np.ndarray) -> tuple[tuple[float, float, float], int | None]:
+    """The target spacing of (N, 3) scan spacings and shapes, and its low-resolution axis (or None).
+
+    The median of each axis; but when the coarsest axis's median spacing is over ANISOTROPY times
+    the others' and its voxels under 1/ANISOTROPY of theirs (a 0.7 x 0.7 x 5 mm CT), that axis takes
+    the 10th percentile of its spacings, never finer than the other axes: the thinner-sliced scans
+    keep more of their detail than at the median, and the axis stays a coarse one (it is not
+    resampled to the fine axes' spacing)."""
+    target = np.median(spacings_zyx, axis=0).astype(float)
+    axis = int(np.argmax(target))
+    others = [a for a in range(3) if a != axis]
+    median_shape = np.median(shapes_zyx, axis=0)
+    if target[axis] > ANISOTROPY * target[others].max() and median_shape[axis] * ANISOTROPY < median_shape[others].min():
+        target[axis] = max(float(np.percentile(spacings_zyx[:, axis], LOW_RESOLUTION_PERCENTILE)), float(target[others].max()))
+        return tuple(float(v) for v in target), axis  # type: ignore[return-value]
+    return tuple(float(v) for v in target), None  # type: ignore[return-value]
+
+
+def pooling_schedule(spacing_zyx: tuple[float, float, float], downsamplings: int
+                     ) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]:
+    """(z, y, x) strides of each downsampling and kernel sizes of each stage (one more), by nnU-Net's
+    rule: an axis is pooled, and convolved 3 wide, only while its spacing is within POOLING_RATIO
+    times the finest; a coarser axis keeps stride 1 and kernel 1 until the others have caught up."""
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    strides, kernels = [], []
+    for _ in range(downsamplings + 1):
+        fine = spacing <= POOLING_RATIO * spacing.min()
+        kernels.append(tuple(3 if f else 1 for f in fine))
+        strides.append(tuple(2 if f else 1 for f in fine))
+        spacing = np.where(fine, spacing * 2, spacing)
+    return tuple(strides[:-1]), tuple(kernels)  # type: ignore[return-value]
 
 
 def training_intensity_samples(cases: list[Case]) -> np.ndarray:
@@ -218,12 +311,12 @@ def sample_voxels(array: np.ndarray, seed_text: str) -> np.ndarray:
     return flat[rng.choice(flat.size, VOXELS_SAMPLED_PER_SCAN, replace=False)]
 
 
-def _class_names_from_labels(cases: list[Case]) -> dict[int, str]:
+def _class_names_from_labels(cases: list[Case], ignore_label: int | None) -> dict[int, str]:
     values: set[int] = set()
     for case in cases:
         _, label = read_case(case)
         values |= set(np.unique(label.array).tolist())  # type: ignore[union-attr]
-    return {v: ("background" if v == 0 else f"class {v}") for v in sorted(values)}
+    return {v: ("background" if v == 0 else f"class {v}") for v in sorted(values - {ignore_label})}
 
 
 # The on-disk cache of preprocessed arrays -------------------------------------------------------
@@ -234,10 +327,13 @@ def cache_root() -> Path:
 
 def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Preprocessed (image, label) of a case, memory-mapped from the cache, computed once."""
-    # The token changes with the image file, the label file, and the classes the label is checked
-    # against: an edited label or a changed class list must not reuse a stale cached label.
+    # The token changes with the image file, the label file, the classes the label is checked
+    # against and their channels: an edited label or a changed class list or mapping must not reuse
+    # a stale cached label (channel i = value i without ignore, the mapping of older plans, adds nothing).
+    identity = plan.channel_values == tuple(range(plan.num_classes)) and plan.ignore_label is None
+    mapping = "" if identity else f"|{plan.channel_values}|{plan.ignore_label}"
     token = hashlib.sha256(
-        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}".encode(errors="surrogateescape")
+        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}{mapping}".encode(errors="surrogateescape")
     ).hexdigest()[:12]
     folder = cache_root() / "preprocessed" / plan.key()
     image_path = folder / f"{case.case_id}-{token}.image.npy"
@@ -247,7 +343,7 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
         image, label = read_case(case)
         _save_atomic(image_path, plan.preprocess_image(image))
         if label is not None:
-            check_label_values(label.array, plan.class_names, case.label or case.image)
+            check_label_values(label.array, plan.class_names, case.label or case.image, plan.ignore_label)
             _save_atomic(label_path, plan.preprocess_label(label, image))
     image_array = np.load(image_path, mmap_mode="r")
     label_array = np.load(label_path, mmap_mode="r") if with_label else None

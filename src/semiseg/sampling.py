@@ -27,6 +27,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset, Sampler
 
 from semiseg.errors import InputError
+from semiseg.labels import IGNORE_INDEX
 
 FOREGROUND_RATIO = 0.33  # nnU-Net's share of patches forced to contain foreground
 FOREGROUND_POINTS = 10_000  # stored candidate centres per class and case
@@ -142,11 +143,11 @@ def _ua_mt_patch(arrays: dict[str, np.ndarray | None], patch: np.ndarray, rng: n
 
 
 def _foreground_points(label: np.ndarray, seed: int) -> list[np.ndarray]:
-    """Up to FOREGROUND_POINTS voxel coordinates per foreground class."""
+    """Up to FOREGROUND_POINTS voxel coordinates per foreground class (unannotated voxels are none)."""
     rng = np.random.default_rng(seed)
     points = []
     for value in np.unique(label):
-        if value == 0:
+        if value in (0, IGNORE_INDEX):
             continue
         coords = np.argwhere(label == value)
         if len(coords) > FOREGROUND_POINTS:

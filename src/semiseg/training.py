@@ -8,6 +8,7 @@ JSONL log beside the checkpoints; a `should_stop` callback cancels cleanly with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -27,11 +28,12 @@ from semiseg import distributed
 from semiseg.devices import describe
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.inference import predict_probabilities
+from semiseg.labels import IGNORE_INDEX, check_label_mapping
 from semiseg.metrics import dice
 from semiseg.methods import build_method, method_class
 from semiseg.methods.base import Method, NetworkSpec, StepInfo
 from semiseg.models import ModelRecord, load_method_weights, load_model, method_weights, read_record
-from semiseg.networks import build_network, size_multiple
+from semiseg.networks import build_network, pooling_options, pools_per_axis, size_multiple
 from semiseg.preprocessing import cached_case, compute_plan
 from semiseg.sampling import IterationBatches, PatchDataset, Volumes
 
@@ -100,17 +102,27 @@ class Trainer:
         if start is not None and config.resume:
             self.split = start.split
         method_cls = method_class(config.method)
+        ignore_label = config.ignore_label if config.ignore_label is not None else self.dataset.ignore_label
         if start is not None:
             self.plan = start.plan
+            if ignore_label is not None and ignore_label != self.plan.ignore_label:  # fine-tuning on partial labels
+                check_label_mapping(self.plan.channel_values, ignore_label)
+                self.plan = dataclasses.replace(self.plan, ignore_label=ignore_label)
         else:
             probe = build_network(config.network, 1, 2, **config.network_options)
-            self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size)
+            self.plan = compute_plan(self.dataset, self.split, size_multiple(probe), config.patch_size, ignore_label=ignore_label,
+                                     per_axis_pooling=pools_per_axis(config.network, config.network_options))
         self.emit({"type": "dataset", "description": self.dataset.describe(), "labeled": len(self.split.labeled),
                    "unlabeled": len(self.split.unlabeled) if method_cls.uses_unlabeled else 0,
                    "validation": len(self.split.validation), "patch_size": list(self.plan.patch_size)})
 
         seed_everything(config.seed)
-        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, dict(config.network_options)), dict(config.method_options))
+        network_options = dict(config.network_options)
+        if self.plan.pooling is not None and pools_per_axis(config.network, network_options) and \
+                any(stride == 1 for stage in self.plan.pooling for stride in stage):  # anisotropic: pool as planned
+            network_options.update(pooling_options(config.network, self.plan.pooling, self.plan.kernel_sizes))
+        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, network_options),
+                                           dict(config.method_options), ignore_label=self.plan.ignore_label is not None)
         if config.initial_checkpoint and not config.resume:
             self._initialise_from(config.initial_checkpoint)
         # channels_last_3d: convolutions on tensor cores read NDHWC without transposing (opt-in).
@@ -297,16 +309,20 @@ class Trainer:
         predictors = list(self.method.predictors().values())
         per_case = []
         shard = slice(self.distribution.rank, None, self.distribution.world_size)
+        # (channel, label value) of each named foreground class
+        classes = [(c, v) for c, v in enumerate(self.plan.channel_values) if v != 0 and v in self.plan.class_names]
         for image, label in zip(validation.images[shard], validation.labels[shard]):
             probabilities = predict_probabilities(np.asarray(image), predictors, self.plan.patch_size, self.device,
                                                   self.method.inference_overlap)
             prediction = probabilities.mean(0).argmax(0)
-            per_case.append([dice(prediction == c, np.asarray(label) == c) for c in sorted(self.plan.class_names) if c != 0])
+            label = np.asarray(label)
+            annotated = label != IGNORE_INDEX if self.plan.ignore_label is not None else True  # ignored voxels count neither way
+            per_case.append([dice((prediction == c) & annotated, label == c) for c, _ in classes])
         self.method.train()
         per_case = distributed.gather(per_case, self.distribution)
         per_class = np.nanmean(np.array(per_case, dtype=float), axis=0)
         dice_mean = float(np.nanmean(per_class))
-        names = [self.plan.class_names[c] for c in sorted(self.plan.class_names) if c != 0]
+        names = [self.plan.class_names[v] for _, v in classes]
         self.history.append({"iteration": self.iteration, "dice_mean": dice_mean})
         improved = dice_mean > self.best
         if improved:

@@ -59,8 +59,16 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build_method(name: str, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None) -> Method:
-    return method_class(name)(in_channels, num_classes, network, options)
+def build_method(name: str, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None,
+                 ignore_label: bool = False) -> Method:
+    """The method `name`; `ignore_label`: it trains on labels with ignored voxels (IGNORE_INDEX)."""
+    method = method_class(name)
+    if not ignore_label:
+        return method(in_channels, num_classes, network, options)
+    if not method.handles_ignore_label:
+        raise InputError(f"method '{name}' cannot train with an ignore label (partially annotated scans): it uses the "
+                         "labels beyond its supervised loss; annotate the scans fully or choose another method")
+    return method(in_channels, num_classes, network, options, ignore_label=True)
 
 
 _register_installed_methods()

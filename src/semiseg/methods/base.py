@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceCELoss, DiceLoss, MaskedDiceLoss
 from torch import nn
 
 from semiseg.errors import InputError
+from semiseg.labels import IGNORE_INDEX
 from semiseg.networks import build_network
 
 
@@ -50,7 +51,9 @@ class StepInfo:
         return self.iteration / max(self.iterations, 1)
 
 
-Batch = dict[str, torch.Tensor]  # "image": (B, C, D, H, W) float; "label": (B, 1, D, H, W) long
+# "image": (B, C, D, H, W) float; "label": (B, 1, D, H, W) long channel indices, IGNORE_INDEX where
+# the voxel is not annotated (only when the run has an ignore label).
+Batch = dict[str, torch.Tensor]
 
 
 class Method(nn.Module):
@@ -69,8 +72,13 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     # The network the method's paper trains; the CLI uses it when the user names none.
     paper_network: ClassVar[str] = "vnet"
+    # Whether the method trains on partially annotated labels (ignored voxels hold IGNORE_INDEX):
+    # `supervised_loss` leaves them out; a method reading the labels otherwise must too before it
+    # sets this (`build_method` refuses an ignore label for a method that does not).
+    handles_ignore_label: ClassVar[bool] = False
 
-    def __init__(self, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None):
+    def __init__(self, in_channels: int, num_classes: int, network: NetworkSpec, options: dict[str, Any] | None = None,
+                 *, ignore_label: bool = False):
         super().__init__()
         unknown = set(options or {}) - set(self.defaults)
         if unknown:
@@ -83,7 +91,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.network_spec = network
         self.networks = nn.ModuleDict()
-        self.supervised_loss = make_supervised_loss(self.options.get("supervised_loss", "dice+ce"))
+        self.supervised_loss = make_supervised_loss(self.options.get("supervised_loss", "dice+ce"), ignore_label)
 
     def make_network(self, **overrides: Any) -> nn.Module:
         options = {**self.network_spec.options, **overrides}
@@ -154,14 +162,42 @@ def consistency_rampup(step: StepInfo, options: dict[str, Any]) -> float:
 CODE_EPOCH_ITERATIONS = 150  # UA-MT's and SSL4MIS's `iter_num // 150`
 
 
-def make_supervised_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+SUPERVISED_LOSSES = ("dice+ce", "half-dice+ce", "dice")
+
+
+def make_supervised_loss(kind: str, ignore_label: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The labeled-patch loss on (logits, labels): "dice+ce" (MONAI DiceCE, the project's default),
     "half-dice+ce" = 0.5 (CE + Dice) as the UA-MT and SSL4MIS code, or "dice" alone. The Dice of the
-    last two is UA-MT's: squared terms in the denominator, foreground classes, over the batch."""
+    last two is UA-MT's: squared terms in the denominator, foreground classes, over the batch.
+
+    With `ignore_label`, voxels labeled IGNORE_INDEX are left out of both terms, as if the batch held
+    only the annotated voxels; a batch without one gets the unmasked loss, bit for bit."""
+    loss = _unmasked_loss(kind)
+    if not ignore_label:
+        return loss
+    masked_dice = MaskedDiceLoss(include_background=False, softmax=True, squared_pred=kind != "dice+ce", batch=True)
+    dice_weight, ce_weight = {"dice+ce": (1.0, 1.0), "half-dice+ce": (0.5, 0.5), "dice": (1.0, 0.0)}[kind]
+
+    def masked(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        ignored = label == IGNORE_INDEX
+        if not bool(ignored.any()):
+            return loss(logits, label)
+        target = label.masked_fill(ignored, 0)[:, 0].long()
+        annotated = (~ignored).to(torch.float32)
+        one_hot = torch.nn.functional.one_hot(target, logits.shape[1]).movedim(-1, 1).to(torch.float32)
+        dice = masked_dice(logits.float(), one_hot, annotated)
+        cross_entropy = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+        cross_entropy = (cross_entropy * annotated[:, 0]).sum() / annotated.sum().clamp_min(1.0)
+        return dice_weight * dice + ce_weight * cross_entropy
+
+    return masked
+
+
+def _unmasked_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind == "dice+ce":
         return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    if kind not in ("half-dice+ce", "dice"):
-        raise InputError(f"supervised_loss '{kind}': use dice+ce, half-dice+ce or dice")
+    if kind not in SUPERVISED_LOSSES:
+        raise InputError(f"supervised_loss '{kind}': use {', '.join(SUPERVISED_LOSSES[:-1])} or {SUPERVISED_LOSSES[-1]}")
     dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True, batch=True)
     if kind == "dice":
         return dice

@@ -36,6 +36,8 @@ Choices where the paper is silent, and deviations from the released code:
   selects UA-MT's, which is the code's, and its 17000 iterations, 4 + 4 batch, dropout VNet and step
   schedule (over both stages: the code's pre-training lr is constant, and it selects the best
   self-training checkpoint from iteration 2200 on; `semiseg benchmark la --select-from 2200` does that).
+Ignore label: supported (the ignored voxels are pasted with their patch and left out of the region
+losses like the voxels outside the region).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from monai.losses import MaskedDiceLoss
 
 from semiseg.postprocessing import largest_component
 from semiseg.errors import InputError
+from semiseg.labels import IGNORE_INDEX
 from semiseg.methods.base import Batch, Method, StepInfo, ema_update
 
 
@@ -89,6 +92,7 @@ def largest_component_labels(labels: torch.Tensor) -> torch.Tensor:
 class BidirectionalCopyPaste(Method):
     name = "bcp"
     summary = "Mean Teacher on bidirectional copy-paste of labeled and unlabeled patches, after labeled copy-paste pre-training."
+    handles_ignore_label = True
     defaults = {
         "alpha": 0.5,  # weight of the pseudo-labeled voxels (the code's u_weight)
         "mask_ratio": 2 / 3,  # box side / patch side (the code's mask_ratio)
@@ -115,9 +119,11 @@ class BidirectionalCopyPaste(Method):
         return step.iteration < round(self.options["pretrain"] * step.iterations)
 
     def region_loss(self, logits: torch.Tensor, labels: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """(Dice + CE) / 2 over the voxels of `region` ((D, H, W) bool) only."""
+        """(Dice + CE) / 2 over the voxels of `region` ((D, H, W) bool) only, ignored voxels left out."""
         logits = logits.float()
-        mask = region.to(logits.device).expand(len(logits), 1, *region.shape).float()
+        annotated = labels != IGNORE_INDEX
+        mask = region.to(logits.device).expand(len(logits), 1, *region.shape).float() * annotated
+        labels = labels.masked_fill(~annotated, 0)
         one_hot = F.one_hot(labels[:, 0].long(), logits.shape[1]).movedim(-1, 1).float()
         cross_entropy = (F.cross_entropy(logits, labels[:, 0].long(), reduction="none") * mask[:, 0]).sum() / (mask.sum() + 1e-16)
         return (self.dice_loss(logits, one_hot, mask) + cross_entropy) / 2

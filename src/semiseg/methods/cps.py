@@ -8,6 +8,7 @@ with weight 0.1 ramped as sigmoid_rampup(iteration // 150, 200) over its 30000 i
 (momentum 0.9, weight decay 1e-4, no Nesterov) with poly decay from 0.01, UA-MT's crop +
 rotation/flip augmentation, the VNet with Dropout3d(0.5), fp32. SSL4MIS's Dice also counts the
 background class; the preset's Dice is over the foreground (UA-MT's).
+Ignore label: supported (only the supervised loss reads the labels; the cross terms use pseudo-labels).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from semiseg.methods.base import Batch, Method, StepInfo, consistency_rampup
 class CrossPseudoSupervision(Method):
     name = "cps"
     summary = "Two differently initialised networks, cross pseudo supervision (CE on each other's argmax)."
+    handles_ignore_label = True
     defaults = {
         "cps_weight": 1.0,
         "rampup": 0.4,  # fraction of the iterations over which the weight ramps up

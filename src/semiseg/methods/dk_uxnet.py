@@ -75,6 +75,7 @@ another. `--preset paper` (semiseg.presets) sets §3.2 literally: AdamW lr 1e-4 
 optimizer, constant), two training samples a step, each in a weak and a strong view (batch 4: the
 trainer's batch 1 labeled + 1 unlabeled), UA-MT's random crop (+ rotation/flip, "following [23]"),
 fp32. Its "4000 epochs" give no iteration count (epoch size unstated): the run's --iterations stays.
+Ignore label: supported (the supervised losses and the query-distribution NLL leave ignored voxels out).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.errors import InputError
+from semiseg.labels import IGNORE_INDEX
 from semiseg.methods.base import Batch, Method, OptimizerSpec, StepInfo
 from semiseg.networks import size_multiple
 from semiseg.networks.kmax import KMaXDecoder, aggregate_classes
@@ -105,8 +107,8 @@ def voxel_info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float
 def class_balanced_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood averaged over each class's voxels, then over the classes present:
     nll_loss's weighted mean with each class weighted by 1 / its voxel count."""
-    counts = torch.bincount(target.flatten(), minlength=log_probs.shape[1])
-    return F.nll_loss(log_probs, target, weight=1.0 / counts.clamp_min(1).to(log_probs.dtype))
+    counts = torch.bincount(target[target != IGNORE_INDEX], minlength=log_probs.shape[1])
+    return F.nll_loss(log_probs, target, weight=1.0 / counts.clamp_min(1).to(log_probs.dtype), ignore_index=IGNORE_INDEX)
 
 
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float, level: str) -> torch.Tensor:
@@ -121,6 +123,7 @@ class DKUXNet(Method):
     name = "dk-uxnet"
     uses_strong_view = True
     summary = "kMaX decoder on a UX-Net (--network uxnet), InfoNCE between weak/strong views of outputs and query distributions."
+    handles_ignore_label = True
     find_unused_parameters = True  # for DistributedDataParallel: with semantic_weight 0 the backbone's 1x1 head gets no gradient
     paper_network = "uxnet"
     defaults = {
@@ -189,7 +192,7 @@ class DKUXNet(Method):
         if self.options["qd_balanced"]:
             query_nll = class_balanced_nll(query_log, labels[:, 0])
         else:
-            query_nll = F.nll_loss(query_log, labels[:, 0])
+            query_nll = F.nll_loss(query_log, labels[:, 0], ignore_index=IGNORE_INDEX)
         losses = {
             "supervised": self.supervised_loss(labeled_views(log_probs), labels),
             "query_distribution": self.options["qd_weight"] * query_nll,

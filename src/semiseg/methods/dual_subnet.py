@@ -81,6 +81,8 @@ NOT implemented: the paper's "K-fold cross-validation recommended by [7]" (MCF):
 fold of the LA cases, the table the mean over folds. It replaces the fixed train.list/test.list
 split of `semiseg benchmark la` and needs one run per fold; its numbers are not comparable with
 the fixed-split ones.
+Ignore label: supported (only the supervised loss reads the labels; the better subnet is chosen on the
+annotated voxels).
 """
 
 from __future__ import annotations
@@ -94,13 +96,14 @@ from monai.losses import MaskedDiceLoss
 
 from semiseg.errors import InputError
 from semiseg.methods.base import Batch, Method, StepInfo, sigmoid_rampup
-from semiseg.networks import build_network
+from semiseg.networks import build_network, pools_per_axis
 
 
 class DualSubnetContrastive(Method):
     name = "dual-subnet"
     summary = ("VNet + ResNet subnets: pseudo-labels from the better subnet on reliable voxels, L1 on confident "
                "disagreements, prototype contrast for unreliable voxels.")
+    handles_ignore_label = True
     defaults = {
         "unlabeled_weight": 1.0,  # lambda_u (paper); 0.1 works far better on the hippocampus benchmark (docstring)
         "unlabeled_rampup": 0.0,  # fraction of the run over which lambda_u warms up; 0: constant (paper)
@@ -124,6 +127,12 @@ class DualSubnetContrastive(Method):
             raise InputError("dual-subnet: pseudo_label_to must be 'both' or 'loser'")
         self.networks["subnet_a"] = self.make_network()
         shared = {k: v for k, v in self.network_spec.options.items() if k in ("base_filters", "dropout")}
+        if "strides" in self.network_spec.options:  # anisotropic data: both subnets pool as the plan says
+            second = self.options["second_network"]
+            if not pools_per_axis(second, self.options["second_network_options"]):
+                raise InputError(f"dual-subnet: second_network '{second}' cannot pool per axis as this anisotropic data's plan asks; "
+                                 "use resnet or vnet")
+            shared["strides"] = self.network_spec.options["strides"]
         self.networks["subnet_b"] = build_network(
             self.options["second_network"], self.in_channels, self.num_classes,
             **{**shared, **self.options["second_network_options"]},

@@ -9,6 +9,7 @@ weight at 40 % of the run), SGD without Nesterov, lr 0.01 divided by 10 every 25
 6000 iterations, UA-MT's crop + rotation/flip augmentation, fp32, and the student alone predicts
 (UA-MT tests the student; by default student and teacher are averaged). UA-MT's uncertainty mask
 is not part of this (plain) Mean Teacher.
+Ignore label: supported (only the supervised loss reads the labels; the consistency term uses none).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from semiseg.methods.base import Batch, Method, StepInfo, consistency_rampup, em
 class MeanTeacher(Method):
     name = "mean-teacher"
     summary = "EMA teacher, MSE consistency on unlabeled patches with sigmoid ramp-up."
+    handles_ignore_label = True
     defaults = {
         "ema_alpha": 0.99,
         "consistency": 0.1,  # UA-MT's weight

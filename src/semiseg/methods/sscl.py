@@ -48,6 +48,7 @@ without Nesterov; the paper names no schedule and says "initial learning rate", 
 (whose pre-train/self-train wording it shares) lr / 10 every 2500 iterations, restarted in each
 stage (BCP keeps its pre-training rate constant); from the UA-MT code whose VNet it adopts,
 Dropout3d(0.5) and the crop + rotation/flip augmentation ("rotation, and flip operations"); fp32.
+Ignore label: supported (only the supervised loss reads the labels).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class CommonFeaturePredictor(nn.Module):
 class SSCL(Method):
     name = "sscl"
     summary = "Mean Teacher + spectral (FFC) encoder + common features from a reconstruction VNet (Liu et al.)."
+    handles_ignore_label = True
     defaults = {
         "unsup_weight": 0.5,  # lambda, Eq. 6 / Table 5
         "threshold": 0.5,  # pseudo-label confidence, Sec. 3.4 / Fig. 6
@@ -111,7 +113,7 @@ class SSCL(Method):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         spatial = self.make_network()
-        spectral = SpectralEncoder(self.in_channels, spatial.encoder_widths) if self.options["spectral"] else None
+        spectral = SpectralEncoder(self.in_channels, spatial.encoder_widths, getattr(spatial, "strides", None)) if self.options["spectral"] else None
         self.networks["student"] = SpatialSpectralNet(spatial, spectral)
         self.networks["teacher"] = copy.deepcopy(self.networks["student"]).requires_grad_(False)
         if self.options["reconstruction"]:

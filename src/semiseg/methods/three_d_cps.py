@@ -45,6 +45,8 @@ The authors' released code differs from the paper text; it is not followed here 
 nnU-Net v1 plain U-Net (`--network plain-unet`), SGD with Nesterov momentum 0.99 and gradient
 clipping at 12, CPS on labeled and unlabeled at every deep-supervision scale, lambda = (epoch + 1) /
 500 x 0.5 (starting above 0), inference with network 0 only.
+Ignore label: supported (the deep-supervision targets are resized with the ignored voxels kept, and
+the supervised loss leaves them out; the cross terms use pseudo-labels).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def deep_supervision_weights(count: int) -> list[float]:
 class ThreeDCrossPseudoSupervision(Method):
     name = "3d-cps"
     summary = "Two nnU-Nets with own optimizers, Dice+CE cross pseudo supervision, lambda linear to 0.5 (Huang et al.)."
+    handles_ignore_label = True
     inference_overlap = 0.3  # nnU-Net's step 0.7 of the patch
     paper_network = "residual-unet"
     find_unused_parameters = True  # the lowest deep-supervision head has weight 0, as in nnU-Net

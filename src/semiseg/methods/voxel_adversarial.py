@@ -50,6 +50,8 @@ lr 0.01 divided by 10 every 2500 iterations for 6000 iterations, the student alo
 crop + rotation/flip augmentation.
 Ablation (Table IV): `use_adversarial`, `use_feature`, `use_consistency` switch each term off;
 switched-off parts are not built (no discriminator, no feature layers) and not logged.
+Ignore label: supported (the supervised loss leaves ignored voxels out, and the discriminator's
+and BYOL's real voxels are drawn per class, never from ignored voxels).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class VoxelAdversarial(MeanTeacher):
     name = "voxel-adversarial"
     summary = ("Mean Teacher + voxel-wise feature discriminator (labeled real, unlabeled fake, per class) "
                "+ BYOL voxel representation learning.")
+    handles_ignore_label = True
     defaults = {
         # gamma(t) is the paper's per-iteration ramp: the UA-MT code's epoch ramp does not apply.
         **{key: value for key, value in MeanTeacher.defaults.items() if key != "rampup_epochs"},

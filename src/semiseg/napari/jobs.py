@@ -123,9 +123,10 @@ def segment(
         if should_stop():
             raise Cancelled()
         report({"stage": "metrics", "fraction": 0.99, "text": "comparing with the reference"})
-        result.errors = error_map(prediction.labels.array, reference)
+        ignore_label = model.plan.ignore_label
+        result.errors = error_map(prediction.labels.array, reference, ignore_label)
         result.error_counts = error_counts(result.errors)
-        result.metrics = metrics_rows(prediction.labels.array, reference, class_names, volume.geometry.spacing_zyx)
+        result.metrics = metrics_rows(prediction.labels.array, reference, class_names, volume.geometry.spacing_zyx, ignore_label)
         timings["metrics_s"] = time.perf_counter() - started - timings["predict_s"]
     if not keep_probabilities:
         prediction.probabilities = None  # (C, z, y, x) float32: the widgets show labels and uncertainty only

@@ -217,15 +217,17 @@ def volume_layer_data(volume: Volume, name: str, kind: str, source_path: str | N
 
 # Error maps and metrics ----------------------------------------------------------------------------
 
-def error_map(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per voxel: 0 correct, 1 false positive (predicted a class where the reference has background),
-    2 false negative (predicted background where the reference has a class), 3 wrong class (both
-    foreground, different classes)."""
+def error_map(prediction: np.ndarray, reference: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
+    """Per voxel: 0 correct (or unannotated: the reference holds `ignore_label`), 1 false positive
+    (predicted a class where the reference has background), 2 false negative (predicted background
+    where the reference has a class), 3 wrong class (both foreground, different classes)."""
     prediction = np.asarray(prediction)
     reference = np.asarray(reference)
     if prediction.shape != reference.shape:
         raise InputError(f"the prediction's shape {prediction.shape} differs from the reference's {reference.shape}")
     wrong = prediction != reference
+    if ignore_label is not None:
+        wrong &= reference != ignore_label
     errors = np.zeros(prediction.shape, np.uint8)
     errors[wrong & (reference == 0)] = 1
     errors[wrong & (prediction == 0)] = 2
@@ -238,12 +240,14 @@ def error_counts(errors: np.ndarray) -> dict[str, int]:
     return {ERROR_NAMES[i]: int(counts[i]) for i in (1, 2, 3)}
 
 
-def metrics_rows(prediction: np.ndarray, reference: np.ndarray, class_names: Mapping[int, str], spacing_zyx) -> list[dict[str, Any]]:
-    """One row per foreground class: {"class", "id", "dice", "jaccard", "hd95", "asd"} (distances in mm)."""
+def metrics_rows(prediction: np.ndarray, reference: np.ndarray, class_names: Mapping[int, str], spacing_zyx,
+                 ignore_label: int | None = None) -> list[dict[str, Any]]:
+    """One row per foreground class: {"class", "id", "dice", "jaccard", "hd95", "asd"} (distances in mm),
+    the reference's unannotated voxels (`ignore_label`) left out."""
     ids = sorted(int(c) for c in class_names if int(c) != 0)
-    extra = sorted(set(np.unique(reference).tolist()) - set(ids) - {0})
+    extra = sorted(set(np.unique(reference).tolist()) - set(ids) - {0, ignore_label})
     ids += [int(v) for v in extra]
-    results = case_metrics(prediction, reference, ids, tuple(float(s) for s in spacing_zyx))
+    results = case_metrics(prediction, reference, ids, tuple(float(s) for s in spacing_zyx), ignore_label)
     return [{"class": class_names.get(i, f"class {i}"), "id": i, **{m: results[i][m] for m in METRICS}} for i in ids]
 
 

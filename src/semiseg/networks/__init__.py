@@ -56,6 +56,24 @@ def build_network(name: str, in_channels: int, out_channels: int, **options: Any
         raise InputError(f"network '{name}': bad option ({error})") from None
 
 
+# Networks that take a plan's per-axis pooling, and the options that give it to them.
+_POOLING_OPTIONS = {"vnet": ("strides",), "resnet": ("strides",), "residual-unet": ("strides", "kernel_sizes"),
+                    "plain-unet": ("strides", "kernel_sizes")}
+_TOPOLOGY_OPTIONS = {"strides", "kernel_sizes", "patch_size", "downsamplings"}
+
+
+def pools_per_axis(name: str, options: dict[str, Any]) -> bool:
+    """Whether network `name` with these options can take a plan's per-axis pooling (not when the
+    options already fix its topology)."""
+    return name in _POOLING_OPTIONS and not _TOPOLOGY_OPTIONS & set(options)
+
+
+def pooling_options(name: str, strides, kernel_sizes) -> dict[str, Any]:
+    """The network options giving `name` a plan's per-axis strides (and kernel sizes, where it takes them)."""
+    values = {"strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernel_sizes]}
+    return {key: values[key] for key in _POOLING_OPTIONS[name]}
+
+
 def size_multiple(network: nn.Module) -> int:
     """Patch sides must be multiples of this (2 ** number of downsamplings)."""
     return 2 ** getattr(network, "downsamplings", 4)

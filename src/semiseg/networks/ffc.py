@@ -44,13 +44,14 @@ class FourierUnit(nn.Module):
 
 
 class SpectralEncoder(nn.Module):
-    """One Fourier unit per level of `widths`, stride-2 convolutions (the VNet's) between levels;
-    returns the deepest features, shaped like the spatial encoder's last ones."""
+    """One Fourier unit per level of `widths`, strided convolutions (the VNet's, `strides` as the
+    spatial encoder's) between levels; returns the deepest features, shaped like the spatial encoder's last ones."""
 
-    def __init__(self, in_channels: int, widths: list[int]):
+    def __init__(self, in_channels: int, widths: list[int], strides: list[tuple[int, int, int]] | None = None):
         super().__init__()
+        strides = strides or [(2, 2, 2)] * (len(widths) - 1)
         self.blocks = nn.ModuleList(FourierUnit(in_channels if level == 0 else width, width) for level, width in enumerate(widths))
-        self.down = nn.ModuleList(_resize(widths[level], widths[level + 1], up=False) for level in range(len(widths) - 1))
+        self.down = nn.ModuleList(_resize(widths[level], widths[level + 1], False, strides[level]) for level in range(len(widths) - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks[0](x)

@@ -13,7 +13,8 @@ axis alone only if it stays at least 12; the paper's 112x160x128 patch gives its
 (bottleneck 7x5x4). nnU-Net also refuses to pool an axis whose spacing is over twice the finest;
 that part is left out because the project resamples every scan to one grid and the network does not
 see spacings. Without `patch_size`, `downsamplings` stride-2 poolings on every axis (default 4,
-patch sides multiples of 16, as for the project's other networks).
+patch sides multiples of 16, as for the project's other networks), or, for anisotropic data, the
+plan's per-axis `strides` and `kernel_sizes` (nnU-Net's spacing rule, `semiseg.preprocessing.pooling_schedule`).
 
 Choices where the paper is silent or differs from nnU-Net:
 - residual-unet: two residual blocks per encoder stage, the first one strided ("each encoder contains
@@ -58,11 +59,13 @@ def nnunet_strides(patch_size: list[int] | tuple[int, ...]) -> list[list[int]]:
         size = [math.ceil(s / 2) if a in axes else s for a, s in enumerate(size)]
 
 
-def _strides(downsamplings: int | None, patch_size: list[int] | None) -> list[list[int]]:
+def _strides(downsamplings: int | None, patch_size: list[int] | None, strides: list[list[int]] | None = None) -> list[list[int]]:
+    if sum(option is not None for option in (downsamplings, patch_size, strides)) > 1:
+        raise InputError("network options: give one of patch_size (nnU-Net's pooling rule), strides or downsamplings")
+    if strides is not None:
+        return [[int(v) for v in stage] for stage in strides]
     if patch_size is None:
         return [[2, 2, 2]] * (4 if downsamplings is None else int(downsamplings))
-    if downsamplings is not None:
-        raise InputError("network options: give patch_size (nnU-Net's pooling rule) or downsamplings, not both")
     if len(patch_size) != 3:
         raise InputError(f"network option patch_size {patch_size}: give three sides (z y x)")
     return nnunet_strides(patch_size)
@@ -117,10 +120,14 @@ class NnUNet(nn.Module):
         return self.decode(self.encode(x))
 
 
-def _common(in_channels: int, out_channels: int, base_filters: int, max_filters: int, strides: list[list[int]]) -> dict:
+def _common(in_channels: int, out_channels: int, base_filters: int, max_filters: int, strides: list[list[int]],
+            kernel_sizes: list[list[int]] | None) -> dict:
     stages = len(strides) + 1
+    if kernel_sizes is not None and len(kernel_sizes) != stages:
+        raise InputError(f"network option kernel_sizes: give one [z, y, x] per stage ({stages}), got {len(kernel_sizes)}")
     return dict(
-        input_channels=in_channels, n_stages=stages, num_classes=out_channels, conv_op=nn.Conv3d, kernel_sizes=3,
+        input_channels=in_channels, n_stages=stages, num_classes=out_channels, conv_op=nn.Conv3d,
+        kernel_sizes=3 if kernel_sizes is None else [[int(v) for v in k] for k in kernel_sizes],
         features_per_stage=[min(base_filters * 2**i, max_filters) for i in range(stages)], strides=[[1, 1, 1], *strides],
         conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
     )
@@ -133,13 +140,15 @@ def residual_unet(
     max_filters: int = 320,
     downsamplings: int | None = None,
     patch_size: list[int] | None = None,
+    strides: list[list[int]] | None = None,
+    kernel_sizes: list[list[int]] | None = None,
     blocks_per_stage: int = 2,
     residual_decoder: bool = True,
 ) -> NnUNet:
     """The 3D-CPS paper's residual U-Net (see the module docstring for every choice)."""
-    strides = _strides(downsamplings, patch_size)
+    strides = _strides(downsamplings, patch_size, strides)
     cls = ResidualUNet if residual_decoder else ResidualEncoderUNet
-    network = cls(**_common(in_channels, out_channels, base_filters, max_filters, strides), n_blocks_per_stage=blocks_per_stage,
+    network = cls(**_common(in_channels, out_channels, base_filters, max_filters, strides, kernel_sizes), n_blocks_per_stage=blocks_per_stage,
                   n_conv_per_stage_decoder=blocks_per_stage, nonlin=nn.ReLU, nonlin_kwargs={"inplace": True})
     network.apply(InitWeights_He(1e-2))
     network.apply(init_last_bn_before_add_to_0)
@@ -153,11 +162,13 @@ def plain_unet(
     max_filters: int = 320,
     downsamplings: int | None = None,
     patch_size: list[int] | None = None,
+    strides: list[list[int]] | None = None,
+    kernel_sizes: list[list[int]] | None = None,
     convs_per_stage: int = 2,
 ) -> NnUNet:
     """nnU-Net's plain 3D U-Net, the backbone of the 3D-CPS authors' code."""
-    strides = _strides(downsamplings, patch_size)
-    network = PlainConvUNet(**_common(in_channels, out_channels, base_filters, max_filters, strides), n_conv_per_stage=convs_per_stage,
+    strides = _strides(downsamplings, patch_size, strides)
+    network = PlainConvUNet(**_common(in_channels, out_channels, base_filters, max_filters, strides, kernel_sizes), n_conv_per_stage=convs_per_stage,
                             n_conv_per_stage_decoder=convs_per_stage, nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True})
     network.apply(InitWeights_He(1e-2))
     return NnUNet(network, strides)

@@ -20,33 +20,34 @@ import torch
 from monai.networks.blocks import Convolution, UnetResBlock
 from torch import nn
 
-from semiseg.networks.vnet import VNet, add_decoder
+from semiseg.networks.vnet import VNet, add_decoder, checked_strides
 
 
-def _residual_stage(in_channels: int, out_channels: int, blocks: int) -> nn.Sequential:
+def _residual_stage(in_channels: int, out_channels: int, blocks: int, stride: tuple[int, int, int]) -> nn.Sequential:
     return nn.Sequential(*(
-        UnetResBlock(3, in_channels if index == 0 else out_channels, out_channels, 3, 2 if index == 0 else 1,
+        UnetResBlock(3, in_channels if index == 0 else out_channels, out_channels, 3, stride if index == 0 else 1,
                      norm_name="batch", act_name=("relu", {"inplace": True}))
         for index in range(blocks)
     ))
 
 
 class ResNetSegmenter(nn.Module):
-    """3D ResNet-34 encoder + VNet decoder; `encode`/`decode` as every network here."""
+    """3D ResNet-34 encoder + VNet decoder; `encode`/`decode` as every network here; `strides` as the VNet's."""
 
     downsamplings = 4
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base_filters: int = 16, dropout: bool = False,
-                 blocks: Sequence[int] = (3, 4, 6, 3)):
+                 blocks: Sequence[int] = (3, 4, 6, 3), strides: list[list[int]] | None = None):
         super().__init__()
+        self.strides = checked_strides(strides)
         widths = [base_filters * 2**level for level in range(5)]
         self.encoder_widths = widths
         self.embedding_width = widths[0]
         self.stem = Convolution(3, in_channels, widths[0], kernel_size=7, act=("relu", {"inplace": True}), norm="batch", bias=False)
         self.residual_stages = nn.ModuleList(
-            _residual_stage(widths[level], widths[level + 1], count) for level, count in enumerate(blocks)
+            _residual_stage(widths[level], widths[level + 1], count, self.strides[level]) for level, count in enumerate(blocks)
         )
-        add_decoder(self, widths, out_channels, dropout)
+        add_decoder(self, widths, out_channels, dropout, self.strides)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features from shallow (full resolution, the stem) to deep (1/16)."""
