@@ -674,6 +674,11 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     for name in ("supervised", "bcp", chosen):
         widget.method.setCurrentText(name)
         assert widget.method_evidence.text() == evidence.describe(name)
+    # And every measured method at once, so the trade-off is seen before choosing.
+    overview = widget.methods_measured.text()
+    assert evidence.overview(), "the shipped evidence lists measured methods"
+    for method, dice, time in evidence.overview():
+        assert f"<td>{method}</td><td>{dice}</td><td>{time}</td>" in overview
     click(qtbot, widget.buttons.start)
     qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
     assert messages["error"] == [], messages

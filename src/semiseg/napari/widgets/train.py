@@ -17,6 +17,14 @@ from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons,
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.training_view import TrainingView
 
+def measured_table(rows: list[tuple[str, str, str]]) -> str:
+    """Rich text for the benchmark overview: one row per method."""
+    if not rows:
+        return "no benchmark results shipped"
+    body = "".join(f"<tr><td>{method}</td><td>{dice}</td><td>{time}</td></tr>" for method, dice, time in rows)
+    return f"<table><tr><th align=left>method</th><th align=left>Dice (vs supervised) @labeled</th><th>time</th></tr>{body}</table>"
+
+
 # Patch (z, y, x) offered when the user turns the automatic choice off before a run has made one.
 MANUAL_PATCH = (64, 96, 96)
 
@@ -45,6 +53,9 @@ class TrainWidget(QWidget):
         self.method.currentTextChanged.connect(lambda name: self.method_evidence.setText(evidence.describe(name)))
         self.method.setCurrentText(default_of("method"))
         self.method_evidence.setText(evidence.describe(self.method.currentText()))
+        # Every measured method at once: Dice (difference to supervised-only) per labeled count, relative time.
+        self.methods_measured = grey_label(measured_table(evidence.overview()))
+        self.methods_measured.setToolTip(evidence.benchmark_note())
         self.network = QComboBox()
         self.network.addItems(sorted(NETWORKS))
         self.network.setCurrentText("vnet")
@@ -91,6 +102,7 @@ class TrainWidget(QWidget):
         rows.addRow("", self.found)
         rows.addRow("Method", self.method)
         rows.addRow("", self.method_evidence)
+        rows.addRow("Measured", self.methods_measured)
         rows.addRow("Network", self.network)
         rows.addRow("Network options", self.network_options)
         rows.addRow("Labeled", self.labeled)
