@@ -36,7 +36,7 @@ def _setting(default: Any = dataclasses.MISSING, help: str = "", flag: str | Non
 class TrainConfig:
     data: str = _setting(help="dataset folder")
     output: str = _setting(help="output folder for checkpoints and the log", flag="--out", metavar="OUT")
-    method: str = _setting("mean-teacher", "training method (see `semiseg methods`)")
+    method: str = _setting("cps", "training method (see `semiseg methods`); the default is the one the hippocampus benchmark recommends (`semiseg.methods.evidence.recommended_method`)")
     network: str = _setting("vnet", "network: vnet (the papers' VNet) or unet (MONAI BasicUNet)")
     network_options: dict[str, Any] = _setting({}, "network option, e.g. base_filters=8", flag="--network-option")
     method_options: dict[str, Any] = _setting({}, "method option (see `semiseg methods`)", flag="--option")
