@@ -36,7 +36,7 @@ ENCODER = (".encoder.", ".down.")  # VNet's parameter names on the way down
 
 # A candidate: FineTuneRequest fields, plus study-only knobs: "method_options" merged into the run's,
 # "freeze" (parameter-name parts that get no update).
-TODAY = dict(iterations=50, lr=0.01, replay=False, correction_share=None)
+TODAY = dict(iterations=50, lr=0.01, replay=False, correction_share=None, frozen_norm_statistics=False)
 CANDIDATES: dict[str, dict] = {
     "today": TODAY,
     "lr 0.001": {**TODAY, "lr": 0.001},
@@ -54,6 +54,9 @@ CANDIDATES: dict[str, dict] = {
     # Control: the same training without new information (the "correction" is one of the model's own cases,
     # which replay then trains as before): what more iterations on the old cases do by themselves.
     "replay, no new case (control)": {**TODAY, "replay": True, "control": True},
+    # The batch-norm statistics kept as the model had them (not re-estimated from fine-tuning patches).
+    "replay, share 0.5, lr 0.003, frozen BN statistics": {**TODAY, "replay": True, "correction_share": 0.5, "lr": 0.003,
+                                                          "frozen_norm_statistics": True},
 }
 
 

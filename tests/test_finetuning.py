@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
 
 from semiseg.cli import main
 from semiseg.datasets import load_dataset, select_split
@@ -142,6 +144,11 @@ def test_finetune_command_refuses_mistakes_and_never_overwrites(model, tmp_path,
     assert main([*base, "--corrections", f"{image}:{truth}", "--out", str(tmp_path / "run"), "--iterations", "2"]) == 0
     out = capsys.readouterr().out
     assert "Dice on 1 held-out case(s)" in out and (tmp_path / "run" / "last" / "model.json").exists()
+    # The weights moved; the batch-norm statistics stayed the model's.
+    before, after = load_file(model / "model.safetensors"), load_file(tmp_path / "run" / "last" / "model.safetensors")
+    statistics = [key for key in before if key.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(before[key], after[key]) for key in statistics)
+    assert not all(torch.equal(before[key], after[key]) for key in before if key.endswith(".weight"))
     stamp = (tmp_path / "run" / "last" / "model.safetensors").stat().st_mtime_ns
     assert main([*base, "--corrections", f"{image}:{truth}", "--out", str(tmp_path / "run"), "--iterations", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -109,6 +109,7 @@ class FineTuneRequest:
     lr: float = 0.003
     replay: bool = True  # also train on the model's own labeled cases (else the folder's labeled scans)
     correction_share: float | None = 0.5  # of the labeled patches drawn from the corrections; None: as any case
+    frozen_norm_statistics: bool = True  # keep the model's batch-norm statistics
     batch_size: int = 2
     device: str = "auto"
     seed: int = 0
@@ -145,6 +146,7 @@ def finetune_config(request: FineTuneRequest) -> TrainConfig:
         labeled=[*replayed, *[list(pair) for pair in corrections] * copies], validation="0", iterations=request.iterations,
         batch_size=request.batch_size, lr=request.lr, validate_every=request.iterations + 1, log_every=1, seed=request.seed,
         device=request.device, workers=0, initial_checkpoint=str(request.checkpoint), overwrite=request.overwrite,
+        frozen_norm_statistics=request.frozen_norm_statistics,
     )
 
 
