@@ -314,6 +314,21 @@ def test_cases_given_one_by_one_by_id_and_by_path(tmp_path):
     assert (again.labeled, again.unlabeled, again.validation) == (["hippocampus_001"], ["hippocampus_036"], [])
 
 
+def test_a_folder_scan_given_with_its_label_trains_labeled(tmp_path):
+    """A folder of scans alone, and one of them given with a label by path (a model's own case
+    replayed in a fine-tuning): that case trains labeled, once; a clashing label file is refused."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("hippocampus_001", "hippocampus_004"):
+        (folder / f"{name}.nii.gz").symlink_to(SAMPLE / "imagesTr" / f"{name}.nii.gz")
+    label = str(SAMPLE / "labelsTr" / "hippocampus_001.nii.gz")
+    dataset = load_dataset(folder)
+    split = select_split(dataset, [[str(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz"), label]])
+    assert (split.labeled, split.unlabeled) == (["hippocampus_001"], ["hippocampus_004"])
+    assert [c.label for c in dataset.cases if c.case_id == "hippocampus_001"] == [label]
+    with pytest.raises(InputError, match="another scan's"):
+        select_split(dataset, [[str(folder / "hippocampus_001.nii.gz"), str(write(tmp_path / "hippocampus_001.nii.gz"))]])
+
 def test_cases_given_one_by_one_refuse_mistakes(tmp_path):
     dataset = load_dataset(SAMPLE)
     with pytest.raises(InputError, match="have no label"):

@@ -19,6 +19,7 @@ from semiseg.errors import InputError, OutputExistsError, SemisegError
 EPILOG = """examples:
   semiseg train --data resources/hippocampus --method mean-teacher --labeled 25% --iterations 300 --out runs/demo
   semiseg predict --checkpoint runs/demo/best resources/hippocampus/imagesTr --out runs/demo/predictions --uncertainty
+  semiseg finetune --checkpoint runs/demo/best --corrections scan.nii.gz:scan_corrected.nii.gz --data resources/hippocampus/imagesTs --out runs/demo-ft
   semiseg evaluate --predictions runs/demo/predictions --labels resources/hippocampus/labelsTr --out runs/demo/evaluation
   semiseg methods
   semiseg info runs/demo/best
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a method on a dataset folder",
                                 description="Train on the labeled and unlabeled scans of a folder (MSD/nnU-Net imagesTr+labelsTr, images/+labels/, or LA h5 case folders). Writes OUT/last and OUT/best checkpoints (safetensors + JSON) and OUT/log.jsonl.")
     add_arguments(train)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a model on corrected scans", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Continue training a checkpoint on corrected label maps (the plugin's Fine-tune, same recipe): the "
+                    "corrections and the model's own labeled cases train labeled, the folder's other scans unlabeled. "
+                    "Then both models are scored on held-out cases (the model's validation cases when still on disk, "
+                    "or --held-out) and the verdict printed. Writes OUT/last, OUT/best and OUT/log.jsonl.")
+    add_finetune_arguments(finetune)
 
     predict = commands.add_parser("predict", help="segment a scan or a folder of scans", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                   description="Predict label maps (NIfTI, on each scan's own grid) with a trained checkpoint.")
@@ -77,6 +86,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from semiseg.finetuning import FineTuneRequest
+
+    defaults = FineTuneRequest(checkpoint="", folder="", output="")
+    parser.add_argument("--checkpoint", required=True, help="the model to start from (e.g. runs/demo/best)")
+    parser.add_argument("--corrections", required=True, nargs="+", type=image_label_pair, metavar="IMG:LABEL",
+                        help="corrected scans: each a scan and its corrected label map, joined by ':'")
+    parser.add_argument("--data", required=True, help="folder of scans to train with (unlabeled; a dataset's labeled scans "
+                        "replay when the model's own labeled cases are no longer on disk)")
+    parser.add_argument("--out", required=True, dest="output", help="output folder for the fine-tuned model")
+    parser.add_argument("--method", help="training method (default: the checkpoint's)")
+    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="fine-tuning iterations")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="initial learning rate")
+    parser.add_argument("--correction-share", type=float, default=defaults.correction_share,
+                        help="share of the labeled patches drawn from the corrections")
+    parser.add_argument("--no-replay", dest="replay", action="store_false",
+                        help="train on the corrections alone, not also on the model's own labeled cases")
+    parser.add_argument("--held-out", nargs="+", type=image_label_pair, metavar="IMG:LABEL", default=None,
+                        help="labeled cases to compare the models on (default: the model's validation cases)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="labeled patches per iteration")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the patch draws")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def image_label_pair(text: str) -> tuple[str, str]:
+    """IMG:LABEL, split at the ':' where both sides are existing paths (paths may hold ':' themselves)."""
+    splits = [(text[:i], text[i + 1:]) for i, char in enumerate(text) if char == ":"]
+    for image, label in splits:
+        if Path(image).exists() and Path(label).exists():
+            return image, label
+    if not splits:
+        raise argparse.ArgumentTypeError(f"'{text}': give a scan and its label map joined by ':' (scan.nii.gz:label.nii.gz)")
+    missing = [part for part in splits[-1] if not Path(part).exists()]
+    raise argparse.ArgumentTypeError(f"'{text}': no such file {missing[0]!r}" if missing else f"'{text}': cannot split into scan:label")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.explicit = explicit_arguments(argv)
@@ -85,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    handler = {"train": _train, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info, "benchmark": _benchmark,
+    handler = {"train": _train, "finetune": _finetune, "predict": _predict, "evaluate": _evaluate, "methods": _methods, "info": _info, "benchmark": _benchmark,
                "export-model": _export_model}[args.command]
     try:
         return handler(args) or 0
@@ -184,12 +230,19 @@ def _restore_aside(moved: dict[Path, Path], keep_new: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    _check_train_arguments(args)
+    config = TrainConfig.from_dict(resolve_settings(from_arguments(args).to_dict(), args.explicit))
+    _run_training(config)
+    return 0
+
+
+def _run_training(config: TrainConfig) -> None:
+    """Train with a progress bar; Ctrl-C stops after the iteration with a checkpoint. An existing run in the
+    output folder is replaced (with `config.overwrite`) only once the new one has written a checkpoint."""
     from tqdm import tqdm
 
     from semiseg.training import train
 
-    _check_train_arguments(args)
-    config = TrainConfig.from_dict(resolve_settings(from_arguments(args).to_dict(), args.explicit))
     stop = {"asked": False}
 
     def interrupt(signum, frame):
@@ -225,12 +278,12 @@ def _train(args: argparse.Namespace) -> int:
                 bars.pop("train").close()
             tqdm.write(("cancelled" if kind == "cancelled" else "finished") + f" at iteration {event['iteration']}; model: {event['checkpoint']}")
 
-    out = Path(args.output)
+    out = Path(config.output)
     # Under torchrun only rank 0 touches the output folder; the other ranks follow its decisions.
     owns_output = int(os.environ.get("RANK", "0")) == 0
     # --overwrite: keep the old run aside until the new one has written a checkpoint, so that a
     # new run failing at its start (bad data, bad option) does not cost the old one.
-    replaced = _set_aside(out) if owns_output and args.overwrite and not args.resume else {}
+    replaced = _set_aside(out) if owns_output and config.overwrite and not config.resume else {}
     before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
@@ -249,6 +302,33 @@ def _train(args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
         signal.signal(signal.SIGINT, previous)
+
+
+# finetune ---------------------------------------------------------------------------------------
+
+def _finetune(args: argparse.Namespace) -> int:
+    from semiseg.finetuning import FineTuneRequest, compare_before_after, finetune_config, held_out_cases
+    from semiseg.models import read_record
+
+    if args.iterations < 1:
+        raise InputError(f"--iterations {args.iterations}: must be at least 1")
+    if args.lr <= 0:
+        raise InputError(f"--lr {args.lr}: must be more than 0")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder (give a folder for the fine-tuned model)")
+    request = FineTuneRequest(
+        checkpoint=args.checkpoint, folder=args.data, output=args.output, corrections=args.corrections, method=args.method,
+        iterations=args.iterations, lr=args.lr, replay=args.replay, correction_share=args.correction_share,
+        batch_size=args.batch_size, device=args.device, seed=args.seed, overwrite=args.overwrite)
+    config = finetune_config(request)
+    held_out = args.held_out or held_out_cases(read_record(args.checkpoint))
+    _run_training(config)
+    if not held_out:
+        print("no held-out cases to compare the models on (the model records none on disk): give --held-out IMG:LABEL ...")
+        return 0
+    comparison = compare_before_after(args.checkpoint, out / "last", held_out, args.device)
+    print(comparison.verdict())
     return 0
 
 

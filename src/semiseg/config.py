@@ -78,6 +78,8 @@ class TrainConfig:
     resume: bool = _setting(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = _setting(False, "replace a run already in --out")
     initial_checkpoint: str | None = _setting(None, "start from these weights and this plan (fine-tuning)", cli=False)
+    frozen_norm_statistics: bool = _setting(False, "normalise with the batch-norm statistics the weights came with, "
+                                            "never re-estimated from the training patches (fine-tuning)", cli=False)
 
     # JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

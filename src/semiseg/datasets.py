@@ -406,8 +406,10 @@ def _register(dataset: Dataset, entry: str | list[str] | tuple[str, str]) -> str
     known = by_id.get(case.case_id)
     if known is None:
         dataset.cases.append(case)
-    elif not (same_file(known.image, image) and (label is None or (known.label is not None and same_file(known.label, label)))):
+    elif not same_file(known.image, image) or (label is not None and known.label is not None and not same_file(known.label, label)):
         raise InputError(f"{image}: its case id '{case.case_id}' is another scan's in {dataset.root}; rename one")
+    elif label is not None and known.label is None:
+        known.label = label  # a scan of the folder given with its label: that case trains labeled
     return case.case_id
 
 

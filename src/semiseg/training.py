@@ -225,7 +225,7 @@ class Trainer:
         labeled_loader, unlabeled_loader = self._loaders()
         unlabeled_batches = iter(unlabeled_loader) if unlabeled_loader is not None else None
         config = self.config
-        self.method.train()
+        self._train_mode()
         running: dict[str, torch.Tensor] = {}
         started, started_at = self.iteration, time.perf_counter()
         cancelled = False
@@ -263,6 +263,15 @@ class Trainer:
             self._save("best", with_training_state=False)
         self.emit({"type": "cancelled" if cancelled else "end", "iteration": self.iteration, "best_dice": self.best, "checkpoint": str(best)})
         return best
+
+    def _train_mode(self) -> None:
+        self.method.train()
+        if self.config.frozen_norm_statistics:
+            # A few fine-tuning patches (foreground-oversampled, batch 2) would replace the running statistics
+            # the model was trained with: on the bundled model that alone cost 0.01 Dice on a held-out case.
+            for module in self.method.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # pinned on CUDA: asynchronous
@@ -318,7 +327,7 @@ class Trainer:
             label = np.asarray(label)
             annotated = label != IGNORE_INDEX if self.plan.ignore_label is not None else True  # ignored voxels count neither way
             per_case.append([dice((prediction == c) & annotated, label == c) for c, _ in classes])
-        self.method.train()
+        self._train_mode()
         per_case = distributed.gather(per_case, self.distribution)
         per_class = np.nanmean(np.array(per_case, dtype=float), axis=0)
         dice_mean = float(np.nanmean(per_class))

@@ -16,7 +16,7 @@ from semiseg.datasets import load_dataset, select_split
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.inference import network_calls
 from semiseg.io import Geometry, Volume, read_volume
-from semiseg.models import load_model
+from semiseg.models import load_model, read_record
 from semiseg.napari import jobs
 from semiseg.napari.export import ExportItem, export
 from semiseg.napari.finetune import FineTuneRequest, finetune_config
@@ -96,31 +96,26 @@ def test_cancel_stops_inside_the_sliding_window(checkpoint):
     assert len(calls) < network_calls(volume.shape, volume.geometry, model.plan, 2, 0.5, True)
 
 
-def test_finetune_configs_choose_labeled_and_unlabeled_scans(checkpoint, tmp_path, unlabeled_folder):
+def test_finetune_request_of_the_widget_switches_replay(checkpoint, tmp_path, unlabeled_folder):
+    """The widget's "also train on labeled scans" box is the recipe's replay: the model's own labeled cases
+    (except the corrected scan) beside the correction, or the correction alone; the folder's scans unlabeled."""
     image = str(SAMPLE / "imagesTr" / "hippocampus_001.nii.gz")
     correction = tmp_path / "c.nii.gz"
     shutil.copy(SAMPLE / "labelsTr" / "hippocampus_001.nii.gz", correction)
-    base = dict(checkpoint=str(checkpoint), image_path=image, label_path=str(correction), iterations=7)
+    base = dict(checkpoint=str(checkpoint), folder=str(unlabeled_folder), image_path=image, label_path=str(correction), iterations=7)
 
     def split_of(config):
         return select_split(load_dataset(config.data), config.labeled, config.validation, config.unlabeled_cases)
 
-    # A folder of scans without labels: all unlabeled; the correction is the labeled case.
-    config = finetune_config(FineTuneRequest(folder=str(unlabeled_folder), output=str(tmp_path / "a"), **base))
-    assert config.data == str(unlabeled_folder) and config.unlabeled == [] and config.initial_checkpoint == str(checkpoint)
-    assert config.labeled == [[image, str(correction)]] and config.iterations == 7
+    config = finetune_config(FineTuneRequest(output=str(tmp_path / "a"), **base))
+    assert config.data == str(unlabeled_folder) and config.initial_checkpoint == str(checkpoint) and config.iterations == 7
     assert (config.network, config.network_options, config.method) == ("vnet", {"base_filters": 4}, "mean-teacher")
+    own = [case for case in read_record(checkpoint).split.labeled if case != "hippocampus_001"]
     split = split_of(config)
-    assert split.labeled == ["c"] and split.unlabeled == sorted(c.case_id for c in load_dataset(unlabeled_folder).cases)
-    # A dataset with labels, used: its labeled cases except the corrected scan.
-    config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "b"), **base))
-    split = split_of(config)
-    assert len(split.labeled) == 12 and split.labeled[-1] == "c" and "hippocampus_001" not in split.labeled
-    assert "hippocampus_001" in split.unlabeled and len(split.unlabeled) == 9 and config.data == str(SAMPLE)
-    # ...not used: every scan of the dataset unlabeled.
-    config = finetune_config(FineTuneRequest(folder=str(SAMPLE), output=str(tmp_path / "c"), use_folder_labels=False, **base))
-    split = split_of(config)
-    assert split.labeled == ["c"] and len(split.unlabeled) == 20
+    assert own and split.labeled[:len(own)] == own and set(split.labeled[len(own):]) == {"c"}
+    assert split.unlabeled == sorted(c.case_id for c in load_dataset(unlabeled_folder).cases)
+    config = finetune_config(FineTuneRequest(output=str(tmp_path / "b"), use_folder_labels=False, **base))
+    assert split_of(config).labeled == ["c"]
 
 
 def test_export_refuses_to_overwrite_unless_asked(tmp_path):
