@@ -110,8 +110,9 @@ def swapped_classes(label_path: str, target: Path) -> Path:
     return target
 
 
-# The test's replay holds 11 of the bundled model's 180 training cases (the sample's); with the recipe, a perfect
-# correction moved the held-out case's Dice by -0.010 (lr 0.003; -0.017 at the earlier lr 0.01): allowed here.
+# The test's replay holds 10 of the bundled model's 180 training cases (the sample's); with the recipe, a perfect
+# correction moved the held-out case's Dice by -0.008 (-0.017 at the earlier lr 0.01), the swapped-class
+# correction by -0.055 (measured under load on the shared CPU): a perfect one may lose this much here.
 PERFECT_TOLERANCE = 0.02
 
 
@@ -132,7 +133,7 @@ def test_guard_detects_a_wrong_correction_and_passes_a_perfect_one(model, tmp_pa
     print(perfect.verdict(), wrong.verdict(), sep="\n")
     assert perfect.cases == [HELD_OUT] and perfect.before_mean > 0.8 and not perfect.worse
     assert wrong.cases == [HELD_OUT, "hippocampus_011"] and wrong.worse and "keep the model from before" in wrong.verdict()
-    assert wrong.after_mean < wrong.before_mean - 0.05
+    assert wrong.after[0] < perfect.after[0] - 0.03  # on the same held-out case
 
 
 def test_finetune_command_refuses_mistakes_and_never_overwrites(model, tmp_path, capsys, one_thread):

@@ -6,12 +6,13 @@ continues from a checkpoint (its weights and preprocessing plan) with the correc
 cases, as `semiseg finetune` and the plugin's Fine-tune widget run it. The recipe (the defaults of
 `FineTuneRequest`) was chosen by measurement (benchmarks/results/finetune_recipes.md): the model's
 own labeled cases replayed beside the corrections, the corrections drawn for half of the labeled
-patches, 50 iterations at lr 0.003. From a supervised VNet trained on 4 hippocampus cases, one
-perfect correction raised the mean Dice of 40 validation cases by about +0.01 with it, where the
-correction alone at lr 0.01 (the earlier default) lowered it (by 0.033 and 0.005); more training on
-the old cases alone changed it by -0.002, so the gain is the correction's. Replaying at lr 0.01 gained
-a little more on that weak model but hurt a strong one more (the bundled model: -0.017 vs -0.010 on
-its held-out case), and the share keeps a correction learned when the model's own cases are many.
+patches, 50 iterations at lr 0.003, batch-norm statistics kept. From a supervised VNet trained on 4
+hippocampus cases, one perfect correction raised the mean Dice of 40 validation cases by +0.008 and
++0.013 with it, where the correction alone at lr 0.01 (the earlier default) lowered it (by 0.033 and
+0.005); more training on the old cases alone changed it by -0.002, so the gain is the correction's.
+Replaying at lr 0.01 gained a little more on that weak model but hurt a strong one more (the bundled
+model: -0.017 vs -0.008 on its held-out case), and the share keeps a correction learned when the
+model's own cases are many.
 
 Which scans train how:
 - the corrections train labeled, drawn for `correction_share` of the labeled patches;

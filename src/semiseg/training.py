@@ -268,7 +268,8 @@ class Trainer:
         self.method.train()
         if self.config.frozen_norm_statistics:
             # A few fine-tuning patches (foreground-oversampled, batch 2) would replace the running statistics
-            # the model was trained with: on the bundled model that alone cost 0.01 Dice on a held-out case.
+            # the model was trained with: on the bundled model that alone cost 0.01 Dice on a held-out case
+            # (benchmarks/results/finetune_recipes.md).
             for module in self.method.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
