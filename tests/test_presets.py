@@ -236,7 +236,7 @@ def test_explicit_flags_win_and_the_paper_network_is_the_default():
     assert _settings("--method", "dk-uxnet")["network"] == "uxnet"  # no --network: the paper's
     assert _settings("--method", "dk-uxnet", "--network", "vnet")["network"] == "vnet"
     assert _settings("--method", "mean-teacher")["network"] == "vnet" and _settings()["preset"] is None
-    settings = _settings("--preset", "paper", "--lr", "0.05", "--option", "consistency=0.2")
+    settings = _settings("--method", "mean-teacher", "--preset", "paper", "--lr", "0.05", "--option", "consistency=0.2")
     assert settings["lr"] == 0.05  # typed, even though it is the flag's default
     assert settings["iterations"] == 6000 and settings["lr_schedule"] == "step" and settings["preset"] == "paper"
     assert settings["method_options"]["consistency"] == 0.2 and settings["method_options"]["rampup_epochs"] == 40

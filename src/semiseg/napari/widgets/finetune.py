@@ -3,6 +3,7 @@ plus a folder's unlabeled scans (separate process), selects the new model and re
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QSpinBox, QVBoxLayout, QWidget
 
 from semiseg.errors import InputError, SemisegError
+from semiseg.finetuning import FineTuneRequest
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.layers import labels_array, volume_from_layer
@@ -20,6 +22,9 @@ from semiseg.napari.widgets.display import is_scan, prediction_of, scan_of, show
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.session_view import CheckpointPicker
 from semiseg.napari.widgets.training_view import TrainingView
+
+# The engine's fine-tuning recipe (benchmarks/results/finetune_recipes.md): the widget's starting values.
+RECIPE = {field.name: field.default for field in fields(FineTuneRequest)}
 
 
 class FineTuneWidget(QWidget):
@@ -44,12 +49,12 @@ class FineTuneWidget(QWidget):
         self.method = method_choice(("same as the model", None))
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 100_000)
-        self.iterations.setValue(50)
+        self.iterations.setValue(RECIPE["iterations"])
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(4)
         self.lr.setRange(0.0001, 1.0)
         self.lr.setSingleStep(0.005)
-        self.lr.setValue(0.01)
+        self.lr.setValue(RECIPE["lr"])
         self.device = DevicePicker()
         self.output = FolderField("where corrections and fine-tuned models go", "Choose the output folder",
                                   str(default_runs() / "fine-tuning"))
