@@ -80,15 +80,19 @@ def test_the_box_is_two_thirds_of_each_side_and_moves():
     assert len({tuple(np.argwhere(b.numpy())[0]) for b in boxes}) > 1  # a random position, not a fixed one
 
 
-def test_self_training_mixes_labeled_and_unlabeled_patches_both_ways(batches):
-    labeled, unlabeled = batches
-    method = _method()
+def _self_training_mixtures(method, labeled, unlabeled) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The box of one self-training step (seed 3) and the two mixtures the student saw in it."""
     inside = _box(3)
     seen, handle = _student_inputs(method)
     torch.manual_seed(3)
     method.training_step(labeled, unlabeled, SELF_TRAIN)
     handle.remove()
-    inward, outward = seen
+    return inside, seen
+
+
+def test_self_training_mixes_labeled_and_unlabeled_patches_both_ways(batches):
+    labeled, unlabeled = batches
+    inside, (inward, outward) = _self_training_mixtures(_method(), labeled, unlabeled)
     (image_a, image_b), (unlabeled_a, unlabeled_b) = labeled["image"].split(1), unlabeled["image"].split(1)
     # Every voxel of the inward mixture: unlabeled patch a in the box, labeled patch a around it.
     assert torch.equal(inward[..., inside], unlabeled_a[..., inside]) and torch.equal(inward[..., ~inside], image_a[..., ~inside])
@@ -102,13 +106,7 @@ def test_self_training_mixes_labeled_and_unlabeled_patches_both_ways(batches):
 
 def test_shifted_pairs_mix_every_patch_with_the_next_in_whole_batches(batches):
     labeled, unlabeled = batches
-    method = _method(pairs="shifted")
-    inside = _box(3)
-    seen, handle = _student_inputs(method)
-    torch.manual_seed(3)
-    method.training_step(labeled, unlabeled, SELF_TRAIN)
-    handle.remove()
-    inward, outward = seen
+    inside, (inward, outward) = _self_training_mixtures(_method(pairs="shifted"), labeled, unlabeled)
     assert len(inward) == len(outward) == 2
     images, others = labeled["image"], unlabeled["image"]
     for i in range(2):
