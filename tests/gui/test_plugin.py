@@ -19,7 +19,8 @@ from qtpy.QtCore import Qt, QTimer  # noqa: E402
 from semiseg.checkpoint import read_meta  # noqa: E402
 from semiseg.io import Volume, read_volume  # noqa: E402
 from semiseg.metrics import case_metrics  # noqa: E402
-from semiseg.models import load_model  # noqa: E402
+from semiseg.finetuning import replay_cases  # noqa: E402
+from semiseg.models import load_model, read_record  # noqa: E402
 from semiseg.napari.placement import layer_world_matrix  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -527,9 +528,13 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     log = [json.loads(line) for line in (Path(new).parent / "log.jsonl").read_text().splitlines()]
     assert saved[0].stat().st_mtime <= log[0]["time"]
     assert log[0]["config"]["initial_checkpoint"] == str(checkpoint)
-    assert log[0]["config"]["labeled"][-1] == [str(case_paths[0]), str(saved[0])]
     dataset = next(e for e in log if e["type"] == "dataset")
-    assert (dataset["labeled"], dataset["unlabeled"]) == (1, 3)
+    # The recipe replays the model's own labeled cases beside the correction (benchmarks/results/finetune_recipes.md).
+    replayed = replay_cases(read_record(checkpoint), unlabeled_folder, [(str(case_paths[0]), str(saved[0]))])
+    # The correction is listed as often as the replayed cases together (the recipe's correction share 0.5).
+    corrected_pair = [str(case_paths[0]), str(saved[0])]
+    assert replayed and log[0]["config"]["labeled"] == [*replayed, *[corrected_pair] * len(replayed)]
+    assert (dataset["labeled"], dataset["unlabeled"]) == (2 * len(replayed), 3)
     assert widget.session.checkpoint == new  # selected for Segment
     assert segment.model.path() == new
     # The prediction layer now holds the fine-tuned model's prediction.
