@@ -545,7 +545,7 @@ def test_finetune_saves_the_correction_first_then_trains_and_repredicts(make_nap
     np.testing.assert_array_equal(correction.data, label.data)  # the correction itself is untouched
 
     # Saving again (same second even) never overwrites the earlier correction.
-    from semiseg.napari.finetune import save_correction
+    from semiseg.finetuning import save_correction
 
     again = [save_correction(corrected, output, image.name) for _ in range(2)]
     assert len({saved[0], *again}) == 3 and read_volume(saved[0]).array.tolist() == corrected.array.tolist()

@@ -19,7 +19,7 @@ from semiseg.io import Geometry, Volume, read_volume
 from semiseg.models import load_model, read_record
 from semiseg.napari import jobs
 from semiseg.napari.export import ExportItem, export
-from semiseg.napari.finetune import FineTuneRequest, finetune_config
+from semiseg.finetuning import FineTuneRequest, finetune_config
 from semiseg.napari.layers import error_map, geometry_from, labels_array, looks_like_labels
 from semiseg.napari.placement import affine_zyx
 from semiseg.training import TrainConfig
@@ -114,7 +114,7 @@ def test_finetune_request_of_the_widget_switches_replay(checkpoint, tmp_path, un
     split = split_of(config)
     assert own and split.labeled[:len(own)] == own and set(split.labeled[len(own):]) == {"c"}
     assert split.unlabeled == sorted(c.case_id for c in load_dataset(unlabeled_folder).cases)
-    config = finetune_config(FineTuneRequest(output=str(tmp_path / "b"), use_folder_labels=False, **base))
+    config = finetune_config(FineTuneRequest(output=str(tmp_path / "b"), replay=False, **base))
     assert split_of(config).labeled == ["c"]
 
 

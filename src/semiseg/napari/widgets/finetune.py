@@ -124,7 +124,7 @@ class FineTuneWidget(QWidget):
 
     def run(self) -> None:
         from semiseg.models import read_record
-        from semiseg.napari.finetune import FineTuneRequest, check_labels, finetune_config, image_on_disk, save_correction
+        from semiseg.finetuning import check_labels, finetune_config, image_on_disk, save_correction
         from semiseg.napari.preflight import check_unlabeled_folder
 
         if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
@@ -159,7 +159,7 @@ class FineTuneWidget(QWidget):
                 checkpoint=str(checkpoint), folder=str(Path(self.folder.text()).expanduser()), output=str(run_dir),
                 image_path=str(image_path), label_path=str(self.correction_path), method=self.method.currentData(),
                 iterations=self.iterations.value(), lr=self.lr.value(), device=self.device.name(),
-                use_folder_labels=self.use_labels.isChecked()))
+                replay=self.use_labels.isChecked()))
         except SemisegError as error:
             show_error(f"semiseg: {one_line(error)}")
             return
