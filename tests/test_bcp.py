@@ -43,7 +43,7 @@ def batches() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 
 def _method(**options):
     torch.manual_seed(0)
-    return build_method("bcp", 1, 3, NetworkSpec("vnet", {"base_filters": 4}), {"pretrain": 0.2, **options})
+    return build_method("bcp", 1, 3, NetworkSpec("vnet", {"base_filters": 4}), {"pretrain": 0.2, "pairs": "halves", **options})
 
 
 def _student_inputs(method) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:

@@ -267,6 +267,7 @@ def test_bcp_paper_preset_gives_its_published_la_run_and_explicit_options_win():
     method = build_method("bcp", 1, 2, NetworkSpec(settings["network"], settings["network_options"]), settings["method_options"])
     assert method.networks["student"].dropout.p == 0.5
     assert [method.pretraining(StepInfo(i, settings["iterations"])) for i in (1999, 2000)] == [True, False]
+    assert method.split.__name__ == "halves"  # the code's pairs (the default, "shifted", is a deviation)
 
 
 def test_a_run_stopped_at_its_time_limit_resumes_where_it_stopped(la_tree, tmp_path):

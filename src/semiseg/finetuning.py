@@ -40,7 +40,7 @@ from semiseg.datasets import Case, case_id_of, load_dataset, same_file
 from semiseg.devices import resolve_device
 from semiseg.errors import InputError, OutputExistsError
 from semiseg.io import Volume, is_dicom_folder, volume_suffix, write_volume
-from semiseg.metrics import dice
+from semiseg.metrics import case_metrics
 from semiseg.models import ModelRecord, read_record
 
 CORRECTIONS = "corrections"
@@ -243,7 +243,8 @@ def held_out_cases(record: ModelRecord) -> list[tuple[str, str]] | None:
 
 
 def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], device: str = "cpu") -> list[float]:
-    """A model's Dice on each (scan, label) case, on the scan's own grid, averaged over the foreground classes."""
+    """A model's Dice on each (scan, label) case, on the scan's own grid, averaged over the foreground classes
+    (`metrics.case_metrics`, as every evaluation: the plan's ignore label left out)."""
     import torch
 
     from semiseg.inference import predict_volume
@@ -258,8 +259,8 @@ def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], devic
         for image_path, label_path in cases:
             image, label = read_case(Case(case_id_of(label_path), str(image_path), str(label_path)))
             predicted = predict_volume(image, model.plan, model.predictors(), target, model.overlap).labels.array
-            per_class = [dice(predicted == c, label.array == c) for c in classes]
-            scores.append(float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else float("nan"))
+            per_class = case_metrics(predicted, label.array, classes, ignore_label=model.plan.ignore_label)
+            scores.append(float(np.mean([per_class[c]["dice"] for c in classes])))
     return scores
 
 

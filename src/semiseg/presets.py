@@ -80,7 +80,7 @@ PAPER: dict[str, dict[str, Any]] = {
     # BCP code/LA_BCP_train.py: 2000 pre-training + 15000 self-training iterations, 4 labeled + 4 unlabeled
     # patches, VNet(has_dropout=True), SGD lr 0.01 momentum 0.9 weight decay 1e-4, lr x 0.1 every 2500
     # self-training iterations (one schedule over both stages here; see the bcp docstring).
-    "bcp": {**UA_MT_TRAINING, "iterations": 17000, "batch_size": 4, "method_options": {"pretrain": 2000 / 17000}},
+    "bcp": {**UA_MT_TRAINING, "iterations": 17000, "batch_size": 4, "method_options": {"pretrain": 2000 / 17000, "pairs": "halves"}},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": PAPER}

