@@ -219,7 +219,8 @@ def shoot(checkpoint: str, out: Path, scratch: Path) -> int:
     finetune.device.combo.setCurrentText("cpu")
     finetune.output.set_text(str(scratch / "fine-tuning"))
     finetune.buttons.start.click()
-    wait(lambda: finetune.job is not None and not finetune.job.running)
+    # Done when the guard's before/after panel shows and nothing runs any more (re-prediction included).
+    wait(lambda: not finetune.guard.isHidden() and finetune.buttons.start.isEnabled() and not finetune.job.running)
     correction.visible = False
     save("napari-finetune.png")
 

@@ -24,3 +24,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sample_model(tmp_path):
+    """The bundled model with its record cut down to the sample's cases (sample_model.py)."""
+    from sample_model import make_sample_model
+
+    return make_sample_model(tmp_path)

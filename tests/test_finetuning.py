@@ -17,39 +17,16 @@ from semiseg.cli import main
 from semiseg.datasets import load_dataset, select_split
 from semiseg.errors import InputError
 from semiseg.finetuning import (
-    FineTuneRequest, compare_before_after, correction_copies, finetune_config, held_out_cases, replay_cases,
+    FineTuneRequest, case_dice, compare_before_after, correction_copies, finetune_config, guard_cases, held_out_cases, replay_cases,
 )
 from semiseg.models import read_record
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "resources" / "hippocampus"
-DEFAULT_MODEL = ROOT / "resources" / "models" / "default"
-HELD_OUT = "hippocampus_015"  # one of the default model's validation cases, and a labeled case of the sample
-
-
-def pair(case_id: str) -> tuple[str, str]:
-    return str(SAMPLE / "imagesTr" / f"{case_id}.nii.gz"), str(SAMPLE / "labelsTr" / f"{case_id}.nii.gz")
+from sample_model import DEFAULT_MODEL, HELD_OUT, SAMPLE, sample_pair as pair
 
 
 @pytest.fixture
-def model(tmp_path) -> Path:
-    """The bundled model (trained on 180 hippocampus cases, validated on 20), its record cut down to the cases
-    the sample holds and pointing at a copy of them: 11 labeled training cases, HELD_OUT its validation case."""
-    data = tmp_path / "model-data"
-    training = sorted(p.name[: -len(".nii.gz")] for p in (SAMPLE / "labelsTr").glob("*.nii.gz") if HELD_OUT not in p.name)
-    for case_id in [*training, HELD_OUT]:
-        for folder, path in zip(("images", "labels"), pair(case_id)):
-            (data / folder).mkdir(parents=True, exist_ok=True)
-            (data / folder / Path(path).name).symlink_to(path)
-    checkpoint = tmp_path / "model"
-    checkpoint.mkdir()
-    (checkpoint / "model.safetensors").symlink_to(DEFAULT_MODEL / "model.safetensors")
-    meta = json.loads((DEFAULT_MODEL / "model.json").read_text())
-    assert set(training) <= set(meta["split"]["labeled"]) and HELD_OUT in meta["split"]["validation"]
-    meta["data"] = str(data)
-    meta["split"] = {"labeled": training, "unlabeled": [], "validation": [HELD_OUT], "seed": 0}
-    (checkpoint / "model.json").write_text(json.dumps(meta))
-    return checkpoint
+def model(sample_model) -> Path:
+    return sample_model
 
 
 def split_of(config):
@@ -97,6 +74,58 @@ def test_correction_share_and_mistakes(tmp_path):
         finetune_config(FineTuneRequest(**base))
     with pytest.raises(InputError, match="no such corrected label map"):
         finetune_config(FineTuneRequest(corrections=[(pair("hippocampus_001")[0], str(tmp_path / "missing.nii.gz"))], **base))
+
+
+def _edit_record(checkpoint: Path, target: Path, **changes) -> Path:
+    """A copy of a checkpoint (weights linked) whose model.json has `changes` applied."""
+    target.mkdir()
+    (target / "model.safetensors").symlink_to((checkpoint / "model.safetensors").resolve())
+    meta = json.loads((checkpoint / "model.json").read_text())
+    for key, value in changes.items():
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) else value
+    (target / "model.json").write_text(json.dumps(meta))
+    return target
+
+
+def test_the_guard_scores_only_cases_neither_model_trained_on(model, tmp_path):
+    meta = json.loads((model / "model.json").read_text())
+    trained = meta["split"]["labeled"]
+    after = _edit_record(model, tmp_path / "after", split={"labeled": [*trained, "hippocampus_015_correction"]},
+                         train_config={"labeled": [*trained, list(pair("hippocampus_004"))]})
+    held_out = [tuple(str(p) for p in c) for c in held_out_cases(read_record(model))]
+    assert guard_cases(model, after) == held_out and [Path(label).name for _, label in held_out] == [f"{HELD_OUT}.nii.gz"]
+    # A model fine-tuned earlier records no validation cases: those of the model it came from are known.
+    child = _edit_record(model, tmp_path / "child", split={"validation": []}, train_config={"initial_checkpoint": str(model)})
+    assert held_out_cases(read_record(child)) is None and guard_cases(child, after) == held_out
+    # The model's data gone: the folder's labeled scans that neither model trained on (the corrected scan's file neither).
+    gone = _edit_record(model, tmp_path / "gone", data=str(tmp_path / "nowhere"))
+    assert [Path(label).name for _, label in guard_cases(gone, after, SAMPLE)] == [f"{HELD_OUT}.nii.gz"]
+    replayed = _edit_record(model, tmp_path / "replayed", split={"labeled": [*trained, HELD_OUT]})
+    assert guard_cases(gone, replayed, SAMPLE) == [] and guard_cases(gone, after) == []
+
+
+def test_case_dice_leaves_the_ignore_label_out(model, tmp_path, one_thread):
+    """Half of a reference unannotated (255): the Dice is the one of the annotated half alone."""
+    from semiseg.inference import predict_volume
+    from semiseg.io import read_volume
+    from semiseg.models import load_model
+
+    ignoring = _edit_record(model, tmp_path / "ignoring", plan={"ignore_label": 255})
+    image, truth = pair(HELD_OUT)
+    reference = sitk.ReadImage(truth)
+    array = sitk.GetArrayFromImage(reference)
+    half = array.shape[0] // 2
+    partial = array.copy()
+    partial[:half] = 255
+    written = sitk.GetImageFromArray(partial)
+    written.CopyInformation(reference)
+    sitk.WriteImage(written, str(tmp_path / "partial.nii.gz"))
+    loaded = load_model(ignoring)
+    predicted = predict_volume(read_volume(image), loaded.plan, loaded.predictors(), torch.device("cpu"), loaded.overlap).labels.array
+    by_hand = [2 * np.sum((predicted[half:] == c) & (array[half:] == c)) / (np.sum(predicted[half:] == c) + np.sum(array[half:] == c))
+               for c in (1, 2)]
+    assert case_dice(ignoring, [(image, str(tmp_path / "partial.nii.gz"))]) == pytest.approx([np.mean(by_hand)], abs=1e-9)
+    assert case_dice(ignoring, [(image, truth)]) != pytest.approx([np.mean(by_hand)], abs=1e-3)
 
 
 def swapped_classes(label_path: str, target: Path) -> Path:

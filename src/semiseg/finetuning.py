@@ -23,13 +23,15 @@ Which scans train how:
 
 `compare_before_after` scores the model before and after on the same held-out cases (those the
 caller names, else the model's validation cases when still on disk) and says whether fine-tuning
-helped (`BeforeAfter.worse`: keep the old model).
+helped (`BeforeAfter.worse`: keep the old model); `guard_cases` finds cases neither model trained on
+(the validation cases, else a folder's labeled scans), as the Fine-tune widget's guard uses them.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import numpy as np
 from semiseg.config import CaseEntry, TrainConfig
 from semiseg.datasets import Case, case_id_of, load_dataset, same_file
 from semiseg.devices import resolve_device
-from semiseg.errors import InputError, OutputExistsError
+from semiseg.errors import InputError, OutputExistsError, SemisegError
 from semiseg.io import Volume, is_dicom_folder, volume_suffix, write_volume
 from semiseg.metrics import case_metrics
 from semiseg.models import ModelRecord, read_record
@@ -84,14 +86,6 @@ def image_on_disk(image: Volume, source_path: str | None, output: str | os.PathL
         if readable:
             return source
     return save_new(image, Path(output) / CORRECTIONS, f"{image_name}_image")
-
-
-def check_labels(array: np.ndarray, class_names: dict[int, str], name: str) -> None:
-    values = set(np.unique(array).tolist())
-    unknown = sorted(values - set(class_names))
-    if unknown:
-        known = ", ".join(f"{k}={v}" for k, v in sorted(class_names.items()))
-        raise InputError(f"'{name}' holds label value(s) {', '.join(map(str, unknown))} that the model does not know ({known})")
 
 
 @dataclass
@@ -242,9 +236,11 @@ def held_out_cases(record: ModelRecord) -> list[tuple[str, str]] | None:
     return recorded_cases(record, record.split.validation if record.split else [], "validation")
 
 
-def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], device: str = "cpu") -> list[float]:
+def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], device: str = "cpu",
+              on_case: Callable[[], None] | None = None) -> list[float]:
     """A model's Dice on each (scan, label) case, on the scan's own grid, averaged over the foreground classes
-    (`metrics.case_metrics`, as every evaluation: the plan's ignore label left out)."""
+    (`metrics.case_metrics`, as every evaluation: the plan's ignore label left out). `on_case` is called after
+    each case (progress; it may raise to stop)."""
     import torch
 
     from semiseg.inference import predict_volume
@@ -261,16 +257,54 @@ def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], devic
             predicted = predict_volume(image, model.plan, model.predictors(), target, model.overlap).labels.array
             per_class = case_metrics(predicted, label.array, classes, ignore_label=model.plan.ignore_label)
             scores.append(float(np.mean([per_class[c]["dice"] for c in classes])))
+            if on_case is not None:
+                on_case()
     return scores
 
 
+def known_held_out(record: ModelRecord) -> list[tuple[str, str]] | None:
+    """The validation cases of a model, else of the model it was fine-tuned from (and so on back), while on disk."""
+    seen: set[str] = set()
+    while True:
+        cases = held_out_cases(record)
+        parent = (record.train_config or {}).get("initial_checkpoint")
+        if cases or not parent or parent in seen:
+            return cases
+        seen.add(parent)
+        try:
+            record = read_record(parent)
+        except SemisegError:
+            return None
+
+
+def guard_cases(before: str | os.PathLike, after: str | os.PathLike, folder: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """Labeled cases neither model trained on, to compare them on: the validation cases the model from
+    before knows (its own or, after earlier rounds, those of the model it was fine-tuned from), else the
+    labeled scans of `folder`; empty when none is left."""
+    before_record, after_record = read_record(before), read_record(after)
+    candidates = known_held_out(before_record)
+    if candidates is None and folder is not None:
+        try:
+            candidates = [(c.image, c.label) for c in load_dataset(folder).labeled]
+        except InputError:
+            candidates = None
+    trained_files = [entry[0] for record in (before_record, after_record)
+                     for entry in (record.train_config or {}).get("labeled") or [] if not isinstance(entry, str)]
+    # By case id too: a corrected scan may be a copy of a labeled one, under its name.
+    trained_ids = {case for record in (before_record, after_record) if record.split for case in record.split.labeled}
+    trained_ids |= {case_id_of(image) for image in trained_files}
+    return [(image, label) for image, label in candidates or []
+            if case_id_of(label) not in trained_ids and not any(same_file(image, other) for other in trained_files)]
+
+
 def compare_before_after(before: str | os.PathLike, after: str | os.PathLike, cases: list[tuple[str, str]] | None = None,
-                         device: str = "cpu", tolerance: float = DICE_TOLERANCE) -> BeforeAfter:
+                         device: str = "cpu", tolerance: float = DICE_TOLERANCE,
+                         on_case: Callable[[], None] | None = None) -> BeforeAfter:
     """Score the models before and after fine-tuning on the same held-out cases: the ones named, else the
     validation cases the model from before records. Raise InputError when there are none to score on."""
     held_out = cases or held_out_cases(read_record(before))
     if not held_out:
         raise InputError(f"{before}: the model records no validation cases that are still on disk; "
                          "name held-out labeled cases to compare the models on")
-    return BeforeAfter([case_id_of(label) for _, label in held_out], case_dice(before, held_out, device),
-                       case_dice(after, held_out, device), tolerance)
+    return BeforeAfter([case_id_of(label) for _, label in held_out], case_dice(before, held_out, device, on_case),
+                       case_dice(after, held_out, device, on_case), tolerance)

@@ -109,6 +109,17 @@ class ReviewQueue:
         self.save()
         return self.entries
 
+    def for_model(self, checkpoint: str, weights_sha256: str | None) -> ReviewQueue:
+        """The same folder's queue under another model (after fine-tuning), to rank again: scans
+        reviewed here stay reviewed there."""
+        queue = ReviewQueue(self.folder, checkpoint, weights_sha256, self.tta)
+        known = {e.scan: e for e in queue.entries}
+        for entry in self.entries:
+            if entry.reviewed:
+                known.setdefault(entry.scan, QueueEntry(entry.scan, entry.name)).reviewed = True
+        queue.entries = list(known.values())
+        return queue
+
     def next_unreviewed(self) -> QueueEntry | None:
         return next((e for e in self.entries if not e.reviewed and e.score is not None), None)
 

@@ -26,6 +26,7 @@ from semiseg.napari.layers import (
     geometry_metadata,
     jsonable_names,
     label_features,
+    labels_array,
     names_from_metadata,
     volume_from_layer,
 )
@@ -107,7 +108,7 @@ def show_prediction(viewer, image_layer, labels: Volume, class_names: dict[int, 
     common = _provenance(image_layer, model)
     placement = placement_of(image_layer)
     geometry, shape = labels.geometry, labels.shape
-    array = labels.array.astype(np.uint8, copy=False)
+    array = labels_array(labels.array)  # the smallest type that holds every label value (uint8 would wrap 256 to 0)
     volumes = class_volumes_ml(array, geometry.spacing_zyx, class_names)
     meta = geometry_metadata(geometry, shape, role="prediction", class_names=jsonable_names(class_names), uncertainty_score=score,
                              written_digest=data_digest(array), class_volumes_ml={str(k): v for k, v in volumes.items()}, **common)

@@ -1,5 +1,6 @@
 """The Fine-tune widget: one click saves the corrected labels, fine-tunes the current model on them
-plus a folder's unlabeled scans (separate process), selects the new model and re-predicts the scan."""
+plus a folder's unlabeled scans (separate process), checks the new model against the old one on
+held-out cases (the guard), selects it unless it got worse and re-predicts the scan."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from typing import Any
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QGroupBox, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from semiseg.errors import InputError, SemisegError
-from semiseg.finetuning import FineTuneRequest
+from semiseg.finetuning import BeforeAfter, FineTuneRequest
 from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.layers import labels_array, volume_from_layer
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, form, later, method_choice
+from semiseg.napari.widgets.common import (
+    DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later, method_choice,
+)
 from semiseg.napari.widgets.display import is_scan, prediction_of, scan_of, show_segmentation, user_labels, volume_columns
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.session_view import CheckpointPicker
@@ -25,6 +28,42 @@ from semiseg.napari.widgets.training_view import TrainingView
 
 # The engine's fine-tuning recipe (benchmarks/results/finetune_recipes.md): the widget's starting values.
 RECIPE = {field.name: field.default for field in fields(FineTuneRequest)}
+
+
+class GuardPanel(QGroupBox):
+    """The before/after check: each model's mean Dice on the held-out cases, the verdict, and a way to
+    take a rejected model anyway."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Before / after (held-out cases)", parent)
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["model", "mean Dice", "cases lower"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.verdict = grey_label()
+        self.use_anyway = QPushButton("Use the new model anyway")
+        self.use_anyway.setVisible(False)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table)
+        layout.addWidget(self.verdict)
+        layout.addWidget(self.use_anyway)
+        self.setVisible(False)
+
+    def show_result(self, result: BeforeAfter | None, text: str, rejected: bool) -> None:
+        rows = [] if result is None else [("before", result.before_mean, ""), ("after", result.after_mean, str(result.cases_worse))]
+        self.table.setRowCount(len(rows))
+        for row, cells in enumerate(rows):
+            for column, value in enumerate(cells):
+                self.table.setItem(row, column, QTableWidgetItem(f"{value:.4f}" if isinstance(value, float) else value))
+        self.table.setVisible(bool(rows))
+        fit_height(self.table)
+        self.verdict.setText(text)
+        self.verdict.setStyleSheet("color: #d9534f;" if rejected else "color: gray;")
+        self.use_anyway.setVisible(rejected)
+        self.setVisible(True)
+
+    def rows(self) -> list[list[str]]:
+        return [[self.table.item(r, c).text() for c in range(self.table.columnCount())] for r in range(self.table.rowCount())]
 
 
 class FineTuneWidget(QWidget):
@@ -74,10 +113,13 @@ class FineTuneWidget(QWidget):
         self.view = TrainingView(self.buttons, "fine-tuning")
         self.view.sparkline.setVisible(False)
         self.view.on_event = self._event
+        self.guard = GuardPanel()
+        self.guard.use_anyway.clicked.connect(self._use_anyway)
         layout = QVBoxLayout(self)
         layout.addWidget(box)
         layout.addWidget(self.volumes)
         layout.addWidget(self.buttons)
+        layout.addWidget(self.guard)
         layout.addWidget(self.view)
         layout.addStretch(1)
         self.buttons.start.clicked.connect(self.run)
@@ -124,8 +166,9 @@ class FineTuneWidget(QWidget):
 
     def run(self) -> None:
         from semiseg.models import read_record
-        from semiseg.finetuning import check_labels, finetune_config, image_on_disk, save_correction
+        from semiseg.finetuning import finetune_config, image_on_disk, save_correction
         from semiseg.napari.preflight import check_unlabeled_folder
+        from semiseg.preprocessing import check_label_values
 
         if (self.process is not None and self.process.running) or (self.job is not None and self.job.running):
             return
@@ -145,7 +188,8 @@ class FineTuneWidget(QWidget):
             correction = volume_from_layer(labels, copy=True)
             if correction.shape != volume.shape:
                 raise InputError(f"'{labels.name}' has shape {correction.shape}, the scan {volume.shape}; choose the scan's labels")
-            check_labels(correction.array, read_record(checkpoint).class_names, labels.name)
+            plan = read_record(checkpoint).plan
+            check_label_values(correction.array, plan.class_names, f"'{labels.name}'", plan.ignore_label)  # the ignore value marks "not annotated"
             if not correction.array.any():
                 show_warning(f"semiseg: '{labels.name}' is empty: fine-tuning will learn that this scan holds no structure")
             output = Path(self.output.text()).expanduser()
@@ -166,8 +210,10 @@ class FineTuneWidget(QWidget):
         except OSError as error:
             show_error(f"semiseg: {error.filename or ''} {error.strerror or error}")
             return
-        self.state = {"image": image, "labels": labels, "checkpoint": checkpoint, "device": self.device.device()}
+        self.state = {"image": image, "labels": labels, "checkpoint": checkpoint, "device": self.device.device(),
+                      "device_name": self.device.name(), "folder": str(Path(self.folder.text()).expanduser())}
         self.new_checkpoint = None
+        self.guard.setVisible(False)
         self.view.failure_note = f" (the correction stays saved: {self.correction_path})"
         self.process = self.view.start(config, f"correction saved: {self.correction_path}",
                                        f"correction saved to {self.correction_path.name}; starting fine-tuning…")
@@ -195,13 +241,63 @@ class FineTuneWidget(QWidget):
                 self.buttons.status.setText(f"stopped; the correction stays saved: {self.correction_path}")
 
     def _accept_new_model(self, checkpoint: str) -> None:
-        """The fine-tuned model replaces the current one everywhere and re-predicts the scan.
+        """The guard: score the old and the new model on held-out labeled cases neither trained on (the
+        model's validation cases, else the folder's labeled scans); the new one replaces the old one
+        everywhere and re-predicts the scan unless it got worse."""
+        from semiseg.finetuning import compare_before_after, guard_cases
+        from semiseg.training import Cancelled
 
-        This is where the before/after guard belongs (issue 16: score the old and the new model on
-        the held-out cases the model knows, show both Dice values in a panel under the buttons, and
-        keep the old model selected when the new one is worse); it is built in the engine separately.
-        """
-        self.session.finish_run(checkpoint)
+        before, device = self.state["checkpoint"], self.state["device_name"]
+
+        def check(progress, should_stop):
+            cases = guard_cases(before, checkpoint, self.state["folder"])
+            if not cases:
+                return None
+            done, total = [0], 2 * len(cases)
+
+            def on_case() -> None:
+                done[0] += 1
+                progress({"fraction": done[0] / total, "text": f"checking the new model: {done[0]}/{total} predictions"})
+                if should_stop():
+                    raise Cancelled
+
+            return compare_before_after(before, checkpoint, cases, device, on_case=on_case)
+
+        self.buttons.status.setText("fine-tuned; checking the new model against the old one on held-out cases…")
+        self.buttons.set_fraction(0.0)
+        self.job = ThreadJob("semiseg: checking the fine-tuned model", check, self._checked,
+                             lambda e: (self.buttons.set_fraction(e.get("fraction")), self.buttons.status.setText(e.get("text", ""))))
+        self.job.start()
+
+    def _checked(self, status: str, value) -> None:
+        new = self.new_checkpoint
+        if status == "ok" and value is not None and not value.worse:
+            self.guard.show_result(value, value.verdict() + "; the new model is selected", rejected=False)
+        elif status == "ok" and value is None:
+            self.guard.show_result(None, "Not checked: no held-out labeled case to compare on (the model's validation cases "
+                                         "are not on disk and the folder has no labeled scan the models did not train on). "
+                                         "The new model is selected unchecked.", rejected=False)
+        else:
+            text = {"ok": lambda: f"{value.verdict()}. The new model ({new}) is kept aside, not selected.",
+                    "cancelled": lambda: f"Check stopped: the new model ({new}) is kept aside, not selected.",
+                    "error": lambda: f"Check failed ({value}): the new model ({new}) is kept aside, not selected."}[status]()
+            self.guard.show_result(value if status == "ok" else None, text, rejected=True)
+            self.session.add(new, select=False)
+            self.buttons.busy(False)
+            self.buttons.status.setText(f"fine-tuned, but {'it got worse' if status == 'ok' else 'not checked'}: "
+                                        f"kept {self.state['checkpoint']}; the correction stays saved: {self.correction_path}")
+            (show_warning if status != "error" else show_error)(f"semiseg: {text}")
+            return
+        self._use_new_model()
+
+    def _use_anyway(self) -> None:
+        self.guard.use_anyway.setVisible(False)
+        self.guard.verdict.setText(self.guard.verdict.text() + " Then used anyway, at your request.")
+        self.buttons.busy(True)
+        self._use_new_model()
+
+    def _use_new_model(self) -> None:
+        self.session.finish_run(self.new_checkpoint)
         self._repredict()
 
     def _repredict(self) -> None:

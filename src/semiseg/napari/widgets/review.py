@@ -54,6 +54,7 @@ class ReviewWidget(QWidget):
         self.open_next.clicked.connect(self.next)
         self.table.cellDoubleClicked.connect(lambda row, column: self.open_entry(self.queue.entries[row]) if self.queue else None)
         self.session.review_changed.connect(self.refresh)
+        self.session.run_finished.connect(self._model_changed)
         self.refresh()
 
     @property
@@ -73,22 +74,45 @@ class ReviewWidget(QWidget):
                 raise InputError("choose a folder of scans")
             if not checkpoint:
                 raise InputError("choose a model first (Train, or Browse…)")
-            device = self.device.device()
             list_scans(folder)
             queue = ReviewQueue(Path(folder).expanduser(), checkpoint, read_record(checkpoint).weights_sha256)
         except SemisegError as error:
             show_error(f"semiseg: {one_line(error)}")
             return
+        self._start_ranking(queue, "predicting the scans…")
+
+    def _model_changed(self, checkpoint: str) -> None:
+        """A run (fine-tuning, training) produced the window's new model: the ranking of the queue was the
+        old model's, so rank again with the new one, keeping what was reviewed."""
+        from semiseg.models import read_record
+
+        queue = self.queue
+        try:
+            if queue is None or queue.checkpoint == checkpoint or (self.job is not None and self.job.running):
+                return
+            self._start_ranking(queue.for_model(checkpoint, read_record(checkpoint).weights_sha256),
+                                "the model changed: ranking the scans again with it…")
+        except SemisegError as error:
+            show_error(f"semiseg: {one_line(error)}")
+        except RuntimeError:  # this widget is closed; the session outlives it
+            pass
+
+    def _start_ranking(self, queue, status: str) -> None:
+        try:
+            device = self.device.device()
+        except SemisegError as error:
+            show_error(f"semiseg: {one_line(error)}")
+            return
 
         def run(progress, should_stop):
-            model = checkpoints.MODELS.get(checkpoint, device)
+            model = checkpoints.MODELS.get(queue.checkpoint, device)
             return queue.rank(model, device, jobs.segment, progress, should_stop)
 
         self.session.review_queue = queue
         self.buttons.busy(True)
         self.buttons.set_fraction(0.0)
-        self.buttons.status.setText("predicting the scans…")
-        self.job = ThreadJob(f"semiseg: ranking {Path(folder).name}", run, self._ranked, self._progress)
+        self.buttons.status.setText(status)
+        self.job = ThreadJob(f"semiseg: ranking {queue.folder.name}", run, self._ranked, self._progress)
         self.job.start()
 
     def _progress(self, event: dict) -> None:
