@@ -105,12 +105,14 @@ def retrain(args: argparse.Namespace, seed: int, picked: list[str], validation: 
 
     labeled, validation_ids = seeded_split(args.labeled, seed)
     out = args.work / "loop" / f"retrain-n{args.labeled}-s{seed}-{'-'.join(sorted(picked))}"
-    tick = time.perf_counter()
-    if not (out / "last" / "model.json").exists():
+    timing = out / "retrain_seconds.json"  # a retraining already done (same corrections) is reused with its time
+    if not (out / "last" / "model.json").exists() or not timing.exists():
+        tick = time.perf_counter()
         train(TrainConfig(data=str(DATA), output=str(out), labeled=sorted(labeled + picked), validation=validation_ids,
                           validate_every=BASE_SETTINGS["iterations"] + 1, seed=seed, device="cpu", workers=0, overwrite=True,
                           **BASE_SETTINGS))
-    seconds = time.perf_counter() - tick
+        timing.write_text(json.dumps(time.perf_counter() - tick))
+    seconds = json.loads(timing.read_text())
     return {"dice": float(np.nanmean(case_dice(out / "last", validation))), "seconds": seconds, "corrections": len(picked)}
 
 
@@ -170,7 +172,6 @@ def main() -> int:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     path = RESULTS / "review_loop.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
     if not args.render_only:
         import torch
 
@@ -180,9 +181,11 @@ def main() -> int:
                 for strategy in args.strategies:
                     row = one_loop(args, seed, strategy, recipe)
                     key = (row["labeled"], row["seed"], row["strategy"], row["recipe"])
+                    # Read again before writing: another invocation may have added rows meanwhile.
+                    rows = json.loads(path.read_text()) if path.exists() else []
                     rows = [r for r in rows if (r["labeled"], r["seed"], r["strategy"], r["recipe"]) != key] + [row]
                     path.write_text(json.dumps(rows, indent=1) + "\n")
-    render(rows)
+    render(json.loads(path.read_text()) if path.exists() else [])
     return 0
 
 

@@ -54,6 +54,12 @@ def test_replay_trains_the_models_own_cases_beside_the_weighted_correction(model
     record.data, record.split.labeled, record.train_config = scans, split.labeled, config.to_dict()
     next_correction = (str(SAMPLE / "imagesTs" / "hippocampus_036.nii.gz"), str(tmp_path / "036_corrected.nii.gz"))
     assert replay_cases(record, scans, [next_correction]) == [*own, corrected]
+    # A scan of the folder under the id of one of the model's cases (a copy): that case does not replay.
+    copies = tmp_path / "with-a-copy"
+    shutil.copytree(scans, copies)
+    shutil.copy(pair(own_ids[0])[0], copies / f"{own_ids[0]}.nii.gz")
+    config = finetune_config(FineTuneRequest(**{**request, "folder": str(copies), "output": str(tmp_path / "copy")}))
+    assert config.labeled[:9] == own[1:] and own_ids[0] in split_of(config).unlabeled
     # The model's data gone: the folder's labeled scans replay instead, the corrected one left out.
     meta = json.loads((model / "model.json").read_text())
     (model / "model.json").write_text(json.dumps({**meta, "data": str(tmp_path / "gone")}))

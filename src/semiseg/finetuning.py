@@ -156,11 +156,14 @@ def correction_copies(replayed: int, corrections: int, share: float | None) -> i
 
 def replay_cases(record: ModelRecord, folder: str | os.PathLike, corrections: list[tuple[str, str]]) -> list[CaseEntry]:
     """The labeled cases that train beside the corrections: the model's own labeled training cases when
-    they are all still on disk, else the folder's labeled scans; never a scan that was corrected."""
+    they are all still on disk, else the folder's labeled scans; never a scan that was corrected. An own
+    case whose id names another file of the folder (e.g. a copy of it) is left out: one id, one scan."""
     corrected = [image for image, _ in corrections]
     own = recorded_cases(record, record.split.labeled if record.split else [], "labeled")
     if own is not None:
-        return [list(pair) for pair in own if not any(same_file(pair[0], image) for image in corrected)]
+        in_folder = {c.case_id: c.image for c in load_dataset(folder).cases}
+        return [list(pair) for pair in own if not any(same_file(pair[0], image) for image in corrected)
+                and same_file(in_folder.get(case_id_of(pair[1]), pair[0]), pair[0])]
     return [c.case_id for c in load_dataset(folder).labeled if not any(same_file(c.image, image) for image in corrected)]
 
 

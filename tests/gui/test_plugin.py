@@ -777,10 +777,13 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     assert evidence.overview(), "the shipped evidence lists measured methods"
     for method, dice, time in evidence.overview():
         assert f"<td>{method}</td><td>{dice}</td><td>{time}</td>" in overview
+    assert widget.ignore_label.text() == "none"
+    widget.ignore_label.setValue(255)  # the value of unannotated voxels (the sample has none)
     click(qtbot, widget.buttons.start)
     qtbot.waitUntil(lambda: widget.process is not None and not widget.process.running and widget.buttons.start.isEnabled(), timeout=150_000)
     assert messages["error"] == [], messages
     best = str(tmp_path / "train-run" / "best")
+    assert load_model(best).record.plan.ignore_label == 255
     assert widget.session.checkpoint == best
     assert [p for p in widget.view.sparkline.points] and len(widget.view.sparkline.points) == 2  # validated at 2 and 4
     assert "iteration 4/4" in widget.buttons.status.text() or "finished" in widget.buttons.status.text()

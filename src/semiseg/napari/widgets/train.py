@@ -66,6 +66,11 @@ class TrainWidget(QWidget):
         self.validation = QSpinBox()
         self.validation.setRange(0, 10_000)
         self.validation.setValue(2)
+        self.ignore_label = QSpinBox()
+        self.ignore_label.setRange(0, 2**31 - 1)
+        self.ignore_label.setSpecialValueText("none")  # 0 is background, never the ignore value
+        self.ignore_label.setToolTip("the label value of voxels nobody annotated (e.g. 255 in partially annotated scans): "
+                                     "left out of the losses and the metrics")
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 1_000_000)
         self.iterations.setValue(300)
@@ -107,6 +112,7 @@ class TrainWidget(QWidget):
         rows.addRow("Network options", self.network_options)
         rows.addRow("Labeled", self.labeled)
         rows.addRow("Validation cases", self.validation)
+        rows.addRow("Not annotated", self.ignore_label)
         rows.addRow("Iterations", self.iterations)
         rows.addRow("Validate every", self.validate_every)
         rows.addRow("Patch (z y x)", patch_box)
@@ -184,6 +190,7 @@ class TrainWidget(QWidget):
             patch_size=None if self.auto_patch.isChecked() else tuple(s.value() for s in self.patch),
             validate_every=self.validate_every.value(), log_every=1 if iterations <= 2000 else 5,
             device=self.device.name(), workers=self.workers.value(), resume=self.resume.isChecked() and holds_run,
+            ignore_label=self.ignore_label.value() or None,
         )
 
     def start(self) -> None:
