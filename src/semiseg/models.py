@@ -51,6 +51,14 @@ class ModelRecord:
     def class_names(self) -> dict[int, str]:
         return dict(self.plan.class_names)
 
+    def case_role(self, case_id: str) -> str | None:
+        """How this model met a case of its data: "labeled" or "unlabeled" (trained on), "validation"
+        (held out), None (never)."""
+        if self.split is None:
+            return None
+        roles = (("labeled", self.split.labeled), ("unlabeled", self.split.unlabeled), ("validation", self.split.validation))
+        return next((role for role, ids in roles if case_id in ids), None)
+
     def to_dict(self) -> dict[str, Any]:
         """The model.json layout (save_checkpoint adds the format, versions and weights checksum)."""
         data: dict[str, Any] = {

@@ -421,6 +421,9 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     for row, class_id in enumerate((1, 2)):
         assert widget.table.item(row, 0).text() == {1: "Anterior", 2: "Posterior"}[class_id]
         assert widget.table.item(row, 1).text() == f"{expected[class_id]['dice']:.3f}"
+    # The scan is one the model trained on: the metrics say they are no held-out score.
+    role = read_record(checkpoint).case_role("hippocampus_001")
+    assert role in ("labeled", "unlabeled") and f"one of this model's {role} training cases" in widget.errors.text()
     # A two-network model's regions come from its disagreement map.
     assert "disagreement >" in widget.regions.title.text() and widget.regions.table.rowCount() == len(widget.regions.regions)
     print(f"\nclick to prediction on CPU: {widget.last_seconds:.2f} s")

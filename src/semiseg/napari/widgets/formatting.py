@@ -7,6 +7,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from semiseg.datasets import case_id_of
+from semiseg.napari.checkpoints import read_record_or_none
+
 
 def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
@@ -41,3 +44,18 @@ def volume_rows(columns: Mapping[str, Mapping[int, float]], class_names: Mapping
     classes = sorted({k for volumes in columns.values() for k in volumes} - {0})
     return [(k, [class_names.get(k, f"class {k}")] + [millilitres(volumes[k]) if k in volumes else "" for volumes in columns.values()])
             for k in classes]
+
+
+def score_note(checkpoint: str, source_path: str | None) -> str | None:
+    """What the metrics against a reference mean when the scan is one the model met in training."""
+    record = read_record_or_none(checkpoint)
+    if record is None or not source_path:
+        return None
+    case_id = case_id_of(source_path)
+    role = record.case_role(case_id)
+    if role in ("labeled", "unlabeled"):
+        return f"{case_id} is one of this model's {role} training cases: these metrics are not a held-out score."
+    if role == "validation":
+        return f"{case_id} is one of this model's validation cases (held out from training)."
+    return None
+

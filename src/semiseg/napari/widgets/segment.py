@@ -19,7 +19,7 @@ from semiseg.napari.layers import ERROR_COLORS, ERROR_NAMES, format_metric, name
 from semiseg.napari.session import session_for
 from semiseg.napari.widgets.common import DevicePicker, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later
 from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels, volume_columns
-from semiseg.napari.widgets.formatting import duration, one_line
+from semiseg.napari.widgets.formatting import duration, one_line, score_note
 from semiseg.napari.widgets.regions import RegionList
 from semiseg.napari.widgets.session_view import CheckpointPicker
 from semiseg.napari.windows import CT_WINDOWS, is_ct, window_limits, window_of
@@ -228,6 +228,9 @@ class SegmentWidget(QWidget):
             "errors (voxels): " + ", ".join(
                 f"<span style='color: rgb({int(255 * c[0])},{int(255 * c[1])},{int(255 * c[2])})'>■</span> {name} {counts.get(name, 0):,}"
                 for value, name in ERROR_NAMES.items() if value for c in [ERROR_COLORS[value]]))
+        note = score_note(result.checkpoint, self.prediction.metadata.get("source_path") if self.prediction is not None else None)
+        if note:
+            self.errors.setText(self.errors.text() + f"<br><span style='color: #d55e00;'>{note}</span>")
         rows = result.metrics or []
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
