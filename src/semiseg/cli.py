@@ -415,13 +415,15 @@ def _predict(args: argparse.Namespace) -> int:
                     tqdm.write(f"semiseg: warning: {warning}", file=sys.stderr)
                 if cost is None:  # measured once, on the first scan
                     cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
-                estimate = estimate_inference(volume.shape, volume.geometry, model.plan, len(model.predictors()), cost, overlap, args.tta)
+                estimate = estimate_inference(volume, model.plan, len(model.predictors()), cost, overlap, args.tta,
+                                              window_scale=model.window_scale)
                 available = available_memory(device)
                 tqdm.write(f"{path.name}: estimate {estimate.describe(available)}")
                 if not estimate.fits(available):
                     tqdm.write(f"semiseg: warning: {path.name} may not fit in {device}'s free memory", file=sys.stderr)
                 try:
-                    prediction = predict_volume(volume, model.plan, model.predictors(), device, overlap, args.tta)
+                    prediction = predict_volume(volume, model.plan, model.predictors(), device, overlap, args.tta,
+                                                window_scale=model.window_scale)
                 except RuntimeError as error:
                     if _out_of_gpu_memory(error):
                         raise InputError(f"{path}: out of GPU memory; use --device cpu or a smaller --overlap") from None

@@ -257,7 +257,8 @@ def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], devic
     with torch.no_grad():
         for image_path, label_path in cases:
             image, label = read_case(Case(case_id_of(label_path), str(image_path), str(label_path)))
-            predicted = predict_volume(image, model.plan, model.predictors(), target, model.overlap).labels.array
+            predicted = predict_volume(image, model.plan, model.predictors(), target, model.overlap,
+                                       window_scale=model.window_scale).labels.array
             per_class = case_metrics(predicted, label.array, classes, ignore_label=model.plan.ignore_label)
             scores.append(float(np.mean([per_class[c]["dice"] for c in classes])))
             if on_case is not None:

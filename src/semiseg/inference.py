@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from scipy import ndimage, special
 
 from semiseg.errors import InputError
 from semiseg.io import Geometry, Volume
@@ -97,8 +98,19 @@ def _empty_cache(device: torch.device) -> None:
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Normalised predictive entropy of (C, ...) class probabilities."""
-    p = np.clip(probabilities, 1e-8, 1.0)
-    return (-(p * np.log(p)).sum(0) / math.log(probabilities.shape[0])).astype(np.float32)
+    return (special.entr(probabilities).sum(0) / math.log(probabilities.shape[0])).astype(np.float32, copy=False)
+
+
+def most_likely(probabilities: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """argmax over the class axis of (C, ...) probabilities (the first on ties, as numpy's), one contiguous
+    pass per class: numpy's argmax along a leading axis strides through memory, several times slower."""
+    best = probabilities[0].copy()
+    index = np.zeros(best.shape, dtype)
+    for channel in range(1, len(probabilities)):
+        better = probabilities[channel] > best
+        index[better] = channel
+        np.maximum(best, probabilities[channel], out=best)
+    return index
 
 
 def disagreement(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -129,28 +141,109 @@ def predict_volume(
     tta: bool = False,
     sw_batch_size: int = SW_BATCH_SIZE,
     progress: ProgressCallback | None = None,
+    crop: bool = True,
+    window_scale: int = 1,
 ) -> Prediction:
-    """Preprocess a scan with the model's plan, predict, and map everything back to its grid."""
-    image = plan.preprocess_image(volume)
-    per_network = predict_probabilities(image, predictors, plan.patch_size, device, overlap, tta, sw_batch_size, progress)
-    per_network = np.stack([plan.restore(p, volume) for p in per_network])
+    """Preprocess a scan with the model's plan, predict, and map everything back to its grid.
+
+    With `crop` the sliding window covers only the scan's foreground box (`inference_box`); the rest
+    is background with probability 1. The intensities are normalised over the whole scan first, so
+    the windows inside see the values they would see uncropped. `window_scale` > 1 lets a window span
+    several training patches (`sliding_window`; `Model.window_scale` says what a model allows)."""
+    resampled = plan.resample_image(volume)
+    image = plan.normalize(resampled)
+    box = inference_box(volume, plan, resampled.shape) if crop else tuple(slice(0, n) for n in resampled.shape)
+    covered = image[box]
+    window, overlaps = sliding_window(covered.shape, plan.patch_size, overlap, window_scale)
+    inside = predict_probabilities(covered, predictors, window, device, overlaps, tta, sw_batch_size, progress)
+    if plan.target_grid(volume.geometry, volume.shape) is None:
+        per_network, region = inside, box  # the scan's own grid: everything after is computed inside the box only
+    else:
+        on_grid = _paste(inside, image.shape, box)
+        per_network, region = np.stack([plan.restore(p, volume) for p in on_grid]), tuple(slice(0, n) for n in volume.shape)
     mean = per_network.mean(0)
-    labels = plan.label_map(mean.argmax(0))
-    second = Volume(disagreement(per_network[0], per_network[1]), volume.geometry) if len(per_network) == 2 else None
-    return Prediction(Volume(labels, volume.geometry), mean, Volume(entropy(mean), volume.geometry), second)
+    labels = np.zeros(volume.shape, np.min_scalar_type(plan.num_classes - 1))  # channel indices
+    labels[region] = most_likely(mean, labels.dtype)
+    second = disagreement(per_network[0], per_network[1]) if len(per_network) == 2 else None
+    return Prediction(Volume(plan.label_map(labels), volume.geometry), _paste(mean, volume.shape, region),
+                      Volume(_in_zeros(entropy(mean), volume.shape, region), volume.geometry),
+                      Volume(_in_zeros(second, volume.shape, region), volume.geometry) if second is not None else None)
+
+
+def _paste(probabilities: np.ndarray, shape: tuple[int, ...], box: tuple[slice, ...]) -> np.ndarray:
+    """(..., C, *box) class probabilities in (..., C, *shape) ones that are background outside the box."""
+    if probabilities.shape[-3:] == tuple(shape):
+        return probabilities
+    whole = np.zeros((*probabilities.shape[:-3], *shape), np.float32)
+    whole[..., 0, :, :, :] = 1.0
+    whole[(Ellipsis, *box)] = probabilities
+    return whole
+
+
+def _in_zeros(values: np.ndarray, shape: tuple[int, ...], box: tuple[slice, ...]) -> np.ndarray:
+    """A map computed inside a box, zero (certain, agreeing) outside it."""
+    if values.shape == tuple(shape):
+        return values
+    whole = np.zeros(shape, values.dtype)
+    whole[box] = values
+    return whole
+
+
+def sliding_window(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float, scale: int = 1) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The window and per-axis overlap for an image of this shape: along each axis up to `scale`
+    training patches, as many as fit inside the image (a window larger than the image would be
+    padded with values never seen in training: on hippocampus that cost 0.17 Dice), overlapping by
+    the same number of voxels as patch-sized windows would. Fewer voxels are computed twice, and with
+    a fully convolutional network each voxel still sees the neighbourhood it saw in training."""
+    window = tuple(p * max(1, min(scale, n // p)) for n, p in zip(shape, patch))
+    return window, tuple(overlap * p / w for p, w in zip(patch, window))
+
+
+# Cropping to the body -------------------------------------------------------------------------------
+# nnU-Net crops scans to their nonzero box. A CT's air is about -1000 HU, not zero, so in a scan
+# that holds values at or below BODY_HU (a CT: no MR intensity is that negative) the body is the
+# voxels above BODY_HU; in other scans, the voxels above the scan's minimum (its zero background).
+# Connected pieces under a tenth of the largest (the CT table, a cable) are left out; pieces of
+# similar size (two legs) all count. Found on a subsampled mask: a box needs no full resolution. The box gets half a training patch of margin on each side, so the windows at its
+# edge still see context, and is found on the scan's own grid (cheap: no resampling), then scaled to
+# the network's grid.
+BODY_HU = -500.0
+
+
+def inference_box(volume: Volume, plan: Plan, grid: tuple[int, ...] | None = None) -> tuple[slice, ...]:
+    """The (z, y, x) box of the plan's grid that the sliding window covers for this scan."""
+    grid = grid or grid_shape(volume.shape, volume.geometry, plan)
+    array = volume.array
+    lowest = array.min()
+    steps = tuple(max(1, math.ceil(n / 128)) for n in array.shape)
+    body = array[tuple(slice(None, None, step) for step in steps)] > (BODY_HU if lowest <= BODY_HU else lowest)
+    pieces, count = ndimage.label(body)
+    if count == 0:
+        return tuple(slice(0, n) for n in grid)
+    sizes = np.bincount(pieces.ravel())[1:]
+    body = np.isin(pieces, 1 + np.flatnonzero(sizes >= sizes.max() / 10))
+    box = []
+    for axis, (n_scan, n_grid, step, margin) in enumerate(zip(array.shape, grid, steps, (p // 2 for p in plan.patch_size))):
+        present = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        first, last = present[0] * step - (step - 1), present[-1] * step + step  # a subsampled voxel stands for its neighbours
+        start = math.floor(max(first, 0) * n_grid / n_scan) - margin
+        stop = math.ceil(min(last, n_scan) * n_grid / n_scan) + margin
+        box.append(slice(max(start, 0), min(stop, n_grid)))
+    return tuple(box)
 
 
 # Time and memory of a prediction, estimated before it runs ------------------------------------------
 #
-# Time: the network calls the sliding window will make (windows per pass / batch size, times the
-# predicting networks, times 8 with TTA) times the seconds of one call measured on the device
-# (`measure_window_cost`: one batch of random windows through each network, after a warm-up on an
-# accelerator). Resampling before and after is not counted (small next to the networks on a CPU).
-# Memory: the float32 whole-volume buffers, at the larger of two phases (on the network's grid: the
-# scan and its tensor copy, MONAI's output sums and weights, with TTA a flipped copy and the sum over
-# flips, the mean to numpy; on the scan's grid: each network's probabilities resampled and stacked,
-# their mean, entropy and disagreement), plus what one batch of windows needs: measured on CUDA
-# (peak allocation during the calls), elsewhere the sum of every layer's output for one batch (an
+# Time: the network calls the sliding window will make over the scan's body box (`inference_box`;
+# windows per pass / batch size, times the predicting networks, times 8 with TTA) times the seconds of
+# one call measured on the device (`measure_window_cost`: one batch of random windows through each
+# network, after a warm-up on an accelerator). Resampling before and after is not counted (small next
+# to the networks on a CPU). Memory: the float32 whole-volume buffers, at the larger of two phases (on
+# the network's grid: the scan resampled and normalised and its tensor copy, MONAI's output sums and
+# weights, with TTA a flipped copy and the sum over flips, the mean to numpy and pasted into the whole
+# grid; on the scan's grid: each network's probabilities resampled and stacked, their mean, entropy
+# and disagreement), plus what one batch of windows needs: measured on CUDA (peak allocation during
+# the calls), elsewhere the sum of every layer's output for one batch (an
 # upper bound: inference frees most of them as it goes).
 
 
@@ -190,14 +283,15 @@ def _gigabytes(count: int) -> str:
     return f"{count / 2**30:.2f} GB" if count < 10 * 2**30 else f"{count / 2**30:.0f} GB"
 
 
-def windows_per_pass(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
+def windows_per_pass(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float | tuple[float, ...]) -> int:
     """Sliding windows MONAI's sliding_window_inference visits over an image of this shape."""
     count = 1
-    for size, roi in zip(shape, patch):
+    overlaps = overlap if isinstance(overlap, tuple) else (overlap,) * len(shape)
+    for size, roi, fraction in zip(shape, patch, overlaps):
         size = max(size, roi)
         if roi >= size:
             continue
-        interval = max(int(roi * (1 - overlap)), 1)
+        interval = max(int(roi * (1 - fraction)), 1)
         count *= math.ceil((size - roi) / interval) + 1
     return count
 
@@ -208,10 +302,12 @@ def grid_shape(shape: tuple[int, ...], geometry: Geometry, plan: Plan) -> tuple[
     return tuple(shape) if grid is None else tuple(reversed(grid[1]))
 
 
-def network_calls(shape: tuple[int, ...], geometry: Geometry, plan: Plan, predictors: int, overlap: float = 0.5,
-                  tta: bool = False, sw_batch_size: int = SW_BATCH_SIZE) -> int:
-    """How many times `predict_volume` calls a predictor for a scan of this shape and geometry."""
-    batches = math.ceil(windows_per_pass(grid_shape(shape, geometry, plan), plan.patch_size, overlap) / sw_batch_size)
+def network_calls(volume: Volume, plan: Plan, predictors: int, overlap: float = 0.5, tta: bool = False,
+                  sw_batch_size: int = SW_BATCH_SIZE, window_scale: int = 1) -> int:
+    """How many times `predict_volume` calls a predictor for this scan."""
+    covered = tuple(s.stop - s.start for s in inference_box(volume, plan))
+    window, overlaps = sliding_window(covered, plan.patch_size, overlap, window_scale)
+    batches = math.ceil(windows_per_pass(covered, window, overlaps) / sw_batch_size)
     return max(1, batches * predictors * (8 if tta else 1))
 
 
@@ -258,14 +354,18 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def estimate_inference(shape: tuple[int, ...], geometry: Geometry, plan: Plan, predictors: int, cost: WindowCost,
-                       overlap: float = 0.5, tta: bool = False, sw_batch_size: int = SW_BATCH_SIZE) -> InferenceEstimate:
-    """Seconds and peak bytes of `predict_volume` for a scan of this shape and geometry (see the notes above)."""
-    calls = network_calls(shape, geometry, plan, predictors, overlap, tta, sw_batch_size)
-    on_grid = math.prod(grid_shape(shape, geometry, plan))
-    on_scan = math.prod(shape)
+def estimate_inference(volume: Volume, plan: Plan, predictors: int, cost: WindowCost, overlap: float = 0.5, tta: bool = False,
+                       sw_batch_size: int = SW_BATCH_SIZE, window_scale: int = 1) -> InferenceEstimate:
+    """Seconds and peak bytes of `predict_volume` for this scan (see the notes above)."""
+    calls = network_calls(volume, plan, predictors, overlap, tta, sw_batch_size, window_scale)
+    covered = tuple(s.stop - s.start for s in inference_box(volume, plan))
+    window, _ = sliding_window(covered, plan.patch_size, overlap, window_scale)
+    per_call = math.prod(window) / math.prod(plan.patch_size)  # the cost was measured on patch-sized windows
+    grid = grid_shape(volume.shape, volume.geometry, plan)
+    on_grid = math.prod(grid)
+    on_scan = math.prod(volume.shape)
     channels = len(plan.class_names) * predictors
-    grid_phase = 4 * on_grid * (2 + (channels + 1) + channels + (1 + channels if tta else 0))
+    grid_phase = 4 * on_grid * (3 + (channels + 1) + 2 * channels + (1 + channels if tta else 0))
     scan_phase = 4 * on_grid * channels + 4 * on_scan * (2 * channels + 2 * len(plan.class_names) + 2) + on_scan
-    return InferenceEstimate(calls * cost.seconds, max(grid_phase, scan_phase) + cost.bytes, calls,
-                             grid_shape(shape, geometry, plan), cost.device)
+    return InferenceEstimate(calls * cost.seconds * per_call, max(grid_phase, scan_phase) + int(cost.bytes * per_call), calls, grid,
+                             cost.device)

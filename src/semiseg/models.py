@@ -126,6 +126,16 @@ class Model:
         """The sliding-window overlap the method's paper infers with."""
         return self.method.inference_overlap
 
+    @property
+    def window_scale(self) -> int:
+        """How many training patches a sliding window may span per axis (`inference.sliding_window`)."""
+        return LARGER_WINDOW_SCALE if self.method.larger_windows else 1
+
+
+# Windows of up to 2 training patches per axis, with the same overlap in voxels: measured in
+# benchmarks/results/inference.md (the same Dice, fewer voxels computed twice).
+LARGER_WINDOW_SCALE = 2
+
 
 def method_weights(method: Method) -> dict[str, torch.Tensor]:
     return {f"{name}.{key}": value for name, net in method.networks.items() for key, value in net.state_dict().items()}

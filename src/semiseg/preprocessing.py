@@ -118,7 +118,11 @@ class Plan:
 
     def preprocess_image(self, volume: Volume) -> np.ndarray:
         """Float32 (z, y, x) on the target grid, normalised."""
-        return self.normalize(_resample(volume, self.target_grid(volume.geometry, volume.shape), sitk.sitkLinear))
+        return self.normalize(self.resample_image(volume))
+
+    def resample_image(self, volume: Volume) -> np.ndarray:
+        """The scan's intensities on the target grid (not normalised)."""
+        return _resample(volume, self.target_grid(volume.geometry, volume.shape), sitk.sitkLinear)
 
     def preprocess_label(self, label: Volume, image: Volume) -> np.ndarray:
         """Uint8 channel indices (z, y, x) on the target grid; ignored voxels hold IGNORE_INDEX."""

@@ -82,7 +82,7 @@ def test_progress_counts_every_sliding_window_batch(checkpoint):
         events = []
         jobs.segment(volume, model, torch.device("cpu"), tta=tta, progress=events.append)
         predicting = [e for e in events if e["stage"] == "predicting" and e["fraction"] > 0]
-        assert len(predicting) == network_calls(volume.shape, volume.geometry, model.plan, 2, 0.5, tta)
+        assert len(predicting) == network_calls(volume, model.plan, 2, 0.5, tta)
         assert all(e["eta_s"] >= 0 for e in predicting) and predicting[-1]["eta_s"] == 0
         assert events[-1]["fraction"] == 1.0
 
@@ -93,7 +93,7 @@ def test_cancel_stops_inside_the_sliding_window(checkpoint):
     calls = []
     with pytest.raises(jobs.Cancelled):
         jobs.segment(volume, model, torch.device("cpu"), tta=True, progress=calls.append, should_stop=lambda: len(calls) > 3)
-    assert len(calls) < network_calls(volume.shape, volume.geometry, model.plan, 2, 0.5, True)
+    assert len(calls) < network_calls(volume, model.plan, 2, 0.5, True)
 
 
 def test_finetune_request_of_the_widget_switches_replay(checkpoint, tmp_path, unlabeled_folder):

@@ -66,6 +66,9 @@ class Method(nn.Module):
     uses_strong_view: ClassVar[bool] = False
     # Sliding-window overlap inference should use unless the user sets one (predict --overlap).
     inference_overlap: ClassVar[float] = 0.5
+    # Whether a prediction may use windows larger than the training patch (a fully convolutional
+    # predictor: its output at a voxel depends on a bounded neighbourhood, not on the window's size).
+    larger_windows: ClassVar[bool] = True
     # For DistributedDataParallel: True when a training step leaves some parameters without gradient.
     find_unused_parameters: ClassVar[bool] = False
     # Method options with their defaults; `semiseg methods` prints them, checkpoints record them.

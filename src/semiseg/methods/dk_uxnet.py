@@ -126,6 +126,7 @@ class DKUXNet(Method):
     handles_ignore_label = True
     find_unused_parameters = True  # for DistributedDataParallel: with semantic_weight 0 the backbone's 1x1 head gets no gradient
     paper_network = "uxnet"
+    larger_windows = False  # the kMaX queries attend over the whole window: its size changes every voxel's output
     defaults = {
         "contrast_weight": 0.1,  # lambda
         "temperature": 0.1,  # tau

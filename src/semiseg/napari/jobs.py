@@ -94,7 +94,7 @@ def segment(
     started = time.perf_counter()
     predictors = model.predictors()
     overlap = model.overlap if overlap is None else overlap
-    total = network_calls(volume.shape, volume.geometry, model.plan, len(predictors), overlap, tta, SW_BATCH_SIZE)
+    total = network_calls(volume, model.plan, len(predictors), overlap, tta, SW_BATCH_SIZE, model.window_scale)
     done = 0
     first_done_at: float | None = None
 
@@ -113,7 +113,8 @@ def segment(
     if should_stop():
         raise Cancelled()
     with torch.inference_mode():
-        prediction = predict_volume(volume, model.plan, guarded(predictors, should_stop, on_call), device, overlap, tta, SW_BATCH_SIZE)
+        prediction = predict_volume(volume, model.plan, guarded(predictors, should_stop, on_call), device, overlap, tta, SW_BATCH_SIZE,
+                                    window_scale=model.window_scale)
     timings = {"predict_s": time.perf_counter() - started}
     class_names = dict(model.plan.class_names)
     result = SegmentResult(prediction, class_names, model.path, model.record.weights_sha256, model.record.method,
@@ -157,6 +158,7 @@ class _Calibration:
     plan: Any
     predictors: int
     overlap: float
+    window_scale: int
 
 
 _CALIBRATIONS: dict[tuple[str, str, str], _Calibration] = {}
@@ -174,7 +176,7 @@ def calibrate(model, checkpoint: str, device: torch.device) -> None:
     key = _calibration_key(checkpoint, device)
     if key is not None and key not in _CALIBRATIONS:
         cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
-        _CALIBRATIONS[key] = _Calibration(cost, model.plan, len(model.predictors()), model.overlap)
+        _CALIBRATIONS[key] = _Calibration(cost, model.plan, len(model.predictors()), model.overlap, model.window_scale)
 
 
 def known_estimate(volume: Volume, checkpoint: str, device: torch.device, tta: bool = False) -> tuple[InferenceEstimate, int | None] | None:
@@ -184,5 +186,5 @@ def known_estimate(volume: Volume, checkpoint: str, device: torch.device, tta: b
     known = _CALIBRATIONS.get(key) if key is not None else None
     if known is None:
         return None
-    estimate = estimate_inference(volume.shape, volume.geometry, known.plan, known.predictors, known.cost, known.overlap, tta)
+    estimate = estimate_inference(volume, known.plan, known.predictors, known.cost, known.overlap, tta, window_scale=known.window_scale)
     return estimate, available_memory(device)
