@@ -909,7 +909,7 @@ def test_user_mistakes_give_one_line_messages(make_napari_viewer, qtbot, checkpo
     finetune.output.set_text(str(tmp_path / "ft"))
     label.data = np.where(label.data > 0, 7, 0).astype(np.uint8)
     click(qtbot, finetune.buttons.start)
-    assert "label value(s) 7" in messages["error"][-1] and not (tmp_path / "ft").exists()
+    assert "label values [7] are outside the declared classes" in messages["error"][-1] and not (tmp_path / "ft").exists()
 
     export = ExportWidget(viewer)
     for i in range(export.list.count()):
