@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_recipes import BASE_SETTINGS, CANDIDATES, WORK, base_model, unlabeled_folder, validation_pairs  # noqa: E402
 from hippocampus_cpu import DATA, RESULTS, seeded_split  # noqa: E402
 
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is rendered again -->"
 RECIPES = {"today": CANDIDATES["today"], "new": {}}  # {}: FineTuneRequest's defaults
 STRATEGIES = ("uncertainty", "random")
 
@@ -156,7 +157,9 @@ def render(rows: list[dict]) -> None:
     figure.tight_layout()
     figure.savefig(RESULTS / "review_loop.png", dpi=120)
     lines += ["", "![validation Dice vs round](review_loop.png)", ""]
-    (RESULTS / "review_loop.md").write_text("\n".join(lines))
+    page = RESULTS / "review_loop.md"
+    notes = page.read_text().partition(NOTES_MARKER)[2] if page.exists() else ""
+    page.write_text("\n".join(lines) + "\n" + NOTES_MARKER + (notes or "\n"))
 
 
 def main() -> int:
