@@ -265,30 +265,43 @@ class FineTuneWidget(QWidget):
 
         self.buttons.status.setText("fine-tuned; checking the new model against the old one on held-out cases…")
         self.buttons.set_fraction(0.0)
-        self.job = ThreadJob("semiseg: checking the fine-tuned model", check, self._checked,
-                             lambda e: (self.buttons.set_fraction(e.get("fraction")), self.buttons.status.setText(e.get("text", ""))))
+        self.job = ThreadJob("semiseg: checking the fine-tuned model", check, self._checked, self._check_progress)
         self.job.start()
 
+    def _check_progress(self, event: dict) -> None:
+        self.buttons.set_fraction(event.get("fraction"))
+        self.buttons.status.setText(event.get("text", ""))
+
     def _checked(self, status: str, value) -> None:
-        new = self.new_checkpoint
-        if status == "ok" and value is not None and not value.worse:
-            self.guard.show_result(value, value.verdict() + "; the new model is selected", rejected=False)
-        elif status == "ok" and value is None:
+        if status == "ok" and value is None:
             self.guard.show_result(None, "Not checked: no held-out labeled case to compare on (the model's validation cases "
                                          "are not on disk and the folder has no labeled scan the models did not train on). "
                                          "The new model is selected unchecked.", rejected=False)
+        elif status == "ok" and not value.worse:
+            self.guard.show_result(value, value.verdict() + "; the new model is selected", rejected=False)
         else:
-            text = {"ok": lambda: f"{value.verdict()}. The new model ({new}) is kept aside, not selected.",
-                    "cancelled": lambda: f"Check stopped: the new model ({new}) is kept aside, not selected.",
-                    "error": lambda: f"Check failed ({value}): the new model ({new}) is kept aside, not selected."}[status]()
-            self.guard.show_result(value if status == "ok" else None, text, rejected=True)
-            self.session.add(new, select=False)
-            self.buttons.busy(False)
-            self.buttons.status.setText(f"fine-tuned, but {'it got worse' if status == 'ok' else 'not checked'}: "
-                                        f"kept {self.state['checkpoint']}; the correction stays saved: {self.correction_path}")
-            (show_warning if status != "error" else show_error)(f"semiseg: {text}")
+            self._keep_old_model(status, value)
             return
         self._use_new_model()
+
+    def _keep_old_model(self, status: str, value) -> None:
+        """The new model got worse, or could not be checked: it joins the model list, unselected."""
+        if status == "ok":
+            text = f"{value.verdict()}."
+        elif status == "cancelled":
+            text = "Check stopped."
+        else:
+            text = f"Check failed ({value})."
+        text += f" The new model ({self.new_checkpoint}) is kept aside, not selected."
+        self.guard.show_result(value if status == "ok" else None, text, rejected=True)
+        self.session.add(self.new_checkpoint, select=False)
+        self.buttons.busy(False)
+        self.buttons.status.setText(f"fine-tuned, but {'it got worse' if status == 'ok' else 'not checked'}: "
+                                    f"kept {self.state['checkpoint']}; the correction stays saved: {self.correction_path}")
+        if status == "error":
+            show_error(f"semiseg: {text}")
+        else:
+            show_warning(f"semiseg: {text}")
 
     def _use_anyway(self) -> None:
         self.guard.use_anyway.setVisible(False)
