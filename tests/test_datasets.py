@@ -155,11 +155,11 @@ def test_missing_and_empty_folders_are_refused(tmp_path):
         load_dataset(tmp_path / "empty")
 
 
-def test_second_channel_is_refused(tmp_path):
+def test_a_gap_in_a_case_s_channel_files_is_refused(tmp_path):
     write(tmp_path / "imagesTr" / "a_0000.nii.gz")
-    write(tmp_path / "imagesTr" / "a_0001.nii.gz")
+    write(tmp_path / "imagesTr" / "a_0002.nii.gz")
     write(tmp_path / "labelsTr" / "a.nii.gz")
-    with pytest.raises(InputError, match=r"a_0001\.nii\.gz: channel 1 found; .*single-channel"):
+    with pytest.raises(InputError, match=r"case 'a' has channel files up to _0002 but not _0001"):
         load_dataset(tmp_path)
 
 

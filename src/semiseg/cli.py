@@ -334,27 +334,52 @@ def _finetune(args: argparse.Namespace) -> int:
 
 # predict ----------------------------------------------------------------------------------------
 
-def _predict_inputs(path: Path) -> list[Path]:
+def _predict_inputs(path: Path, channels: int) -> list[list[Path]]:
+    """Each scan to predict as its files: one, or for a model of several channels one per channel
+    (case_0000, case_0001, ... as in training; a 4D NIfTI is one file)."""
+    from semiseg.datasets import files_by_case
     from semiseg.io import is_dicom_folder, volume_suffix
 
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file() or is_dicom_folder(path):
-        return [path]
+        return [_channel_files(path) if channels > 1 else [path]]
     inputs = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and ((p.is_file() and volume_suffix(p)) or is_dicom_folder(p))]
     if not inputs:
         raise InputError(f"{path}: no volumes found in this folder")
-    return inputs
+    if channels > 1:
+        return [files for _, files in sorted(files_by_case(inputs, path).items())]
+    return [[p] for p in inputs]
 
 
-def _predict_targets(inputs: list[Path], out: Path, args: argparse.Namespace, model) -> list[dict[str, Path]]:
-    """The files each input will produce; refuses clashes between them, with an input, or (without
-    --overwrite) with files already there, before any prediction runs."""
+def _channel_files(first: Path) -> list[Path]:
+    """A scan's channel files from its first one (case_0000.nii.gz -> case_0001.nii.gz, ... beside it)."""
     from semiseg.io import strip_suffix
 
+    stem = strip_suffix(first)
+    if not stem.endswith("_0000"):
+        return [first]
+    suffix = first.name[len(stem):]
+    files = [first]
+    while (following := first.with_name(f"{stem[:-5]}_{len(files):04d}{suffix}")).exists():
+        files.append(following)
+    return files
+
+
+def _scan_name(files: list[Path], channels: int) -> str:
+    """The name a scan's outputs take: the file's, or the case id of a scan of several channels."""
+    from semiseg.datasets import case_id_of
+    from semiseg.io import strip_suffix
+
+    return case_id_of(files[0]) if channels > 1 else strip_suffix(files[0])
+
+
+def _predict_targets(inputs: list[list[Path]], out: Path, args: argparse.Namespace, model) -> list[dict[str, Path]]:
+    """The files each input will produce; refuses clashes between them, with an input, or (without
+    --overwrite) with files already there, before any prediction runs."""
     all_targets = []
-    for path in inputs:
-        name = strip_suffix(path)
+    for files in inputs:
+        name = _scan_name(files, model.plan.in_channels)
         targets = {"labels": out / f"{name}.nii.gz"}
         if args.uncertainty:
             targets["entropy"] = out / f"{name}_entropy.nii.gz"
@@ -364,9 +389,9 @@ def _predict_targets(inputs: list[Path], out: Path, args: argparse.Namespace, mo
             for value in sorted(model.plan.class_names):
                 targets[f"p{value}"] = out / f"{name}_probability_{value}.nii.gz"
         all_targets.append(targets)
-    sources = {path.resolve(): path for path in inputs}
+    sources = {path.resolve(): path for files in inputs for path in files}
     written: dict[Path, Path] = {}
-    for path, targets in zip(inputs, all_targets):
+    for (path, *_), targets in zip(inputs, all_targets):
         for target in targets.values():
             key = target.resolve()
             if key in sources:
@@ -388,7 +413,7 @@ def _predict(args: argparse.Namespace) -> int:
     from semiseg.compatibility import mismatch_warnings
     from semiseg.devices import available_memory, describe, resolve_device
     from semiseg.inference import estimate_inference, measure_window_cost, predict_volume
-    from semiseg.io import Volume, read_volume, write_volume
+    from semiseg.io import Volume, read_scan, write_volume
     from semiseg.models import load_model
 
     if args.overlap is not None and not 0 <= args.overlap < 1:
@@ -396,8 +421,8 @@ def _predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     source = Path(args.input)
-    inputs = _predict_inputs(source)
-    single = len(inputs) == 1 and inputs[0] == source  # a file or a DICOM folder, not a folder of scans
+    inputs = _predict_inputs(source, model.plan.in_channels)
+    single = len(inputs) == 1 and inputs[0][0] == source  # a file or a DICOM folder, not a folder of scans
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (give an output folder)")
@@ -408,13 +433,15 @@ def _predict(args: argparse.Namespace) -> int:
     overlap = model.overlap if args.overlap is None else args.overlap
     cost = None
     try:
-        for path, targets in zip(tqdm(inputs, desc="predicting", unit="scan", disable=len(inputs) == 1), all_targets):
+        for files, targets in zip(tqdm(inputs, desc="predicting", unit="scan", disable=len(inputs) == 1), all_targets):
+            path = files[0]
             try:
-                volume = read_volume(path)
+                volume = read_scan(files)
+                model.plan.check_channels(volume, ", ".join(str(f) for f in files))
                 for warning in mismatch_warnings(volume, model.plan, source=path):
                     tqdm.write(f"semiseg: warning: {warning}", file=sys.stderr)
                 if cost is None:  # measured once, on the first scan
-                    cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
+                    cost = measure_window_cost(model.predictors(), model.plan.patch_size, device, in_channels=model.plan.in_channels)
                 estimate = estimate_inference(volume, model.plan, len(model.predictors()), cost, overlap, args.tta,
                                               window_scale=model.window_scale)
                 available = available_memory(device)
@@ -535,7 +562,7 @@ def _info(args: argparse.Namespace) -> int:
         f"preset: {(record.train_config or {}).get('preset') or 'none'}",
         f"classes: {', '.join(f'{k}={v}' for k, v in record.class_names.items())}",
         f"output channels -> label values: {_channel_mapping(plan)}  ignore label: {plan.ignore_label if plan.ignore_label is not None else 'none'}",
-        f"patch: {tuple(plan.patch_size)}  normalisation: {plan.normalization}",
+        f"patch: {tuple(plan.patch_size)}  " + plan.describe_channels(),
         plan.describe_geometry(),
         f"data: {record.data}  " + (f"labeled {len(split.labeled)}, unlabeled {len(split.unlabeled)}, validation {len(split.validation)}, seed {split.seed}" if split else "no split recorded"),
         f"iteration: {record.iteration} of {record.iterations}  best validation Dice: {best if best is not None else 'n/a'}",

@@ -46,7 +46,7 @@ def mismatch_warnings(
 def _intensity_warnings(volume: Volume, plan: Plan) -> list[str]:
     if plan.training_percentiles is None:
         return []  # a plan from before training statistics were recorded
-    low, median, high = (float(v) for v in np.percentile(sample_voxels(volume.array, "scan"), TRAINING_PERCENTILES))
+    low, median, high = (float(v) for v in np.percentile(sample_voxels(volume.channel(0).array, "scan"), TRAINING_PERCENTILES))
     train_low, _, train_high = plan.training_percentiles
     scan_kind, train_kind = _modality(low), _modality(train_low)
     seen = f"this scan's intensities (median {_number(median)}, 0.5-99.5%: {_number(low)}..{_number(high)})"

@@ -1,9 +1,12 @@
 """Finding the labeled and unlabeled scans in a folder, and choosing the seeded split.
 
 Layouts, detected automatically:
-- MSD / nnU-Net: `imagesTr/` (+ `labelsTr/`), optional `imagesTs/` (unlabeled), `_0000` channel
-  suffix, class names (and nnU-Net v2's `"ignore"` label value) from `dataset.json`;
+- MSD / nnU-Net: `imagesTr/` (+ `labelsTr/`), optional `imagesTs/` (unlabeled), class names (and
+  nnU-Net v2's `"ignore"` label value) and channel names from `dataset.json`;
 - plain: `images/` + `labels/` with matching names;
+Several channels (multi-parametric MRI): one file per channel named as nnU-Net names them
+(`case_0000`, `case_0001`, ...; the same rule in every layout, channel names and order from
+dataset.json's `channel_names` or MSD's `modality`), or one 4D NIfTI per case (MSD BrainTumour).
 - the LA benchmark tree: one folder per case holding `mri_norm2.h5` (`image` and `label`).
 Images without a label are unlabeled; `extra_unlabeled` folders add more.
 """
@@ -28,12 +31,17 @@ _CHANNEL = re.compile(r"_(\d{4})$")
 @dataclass
 class Case:
     case_id: str
-    image: str
+    image: str  # the scan, or its first channel's file
     label: str | None = None  # a path; for h5 files the label is the same file's "label" dataset
+    more_channels: tuple[str, ...] = ()  # the files of channels 1, 2, ... (nnU-Net's case_0001, ...)
 
     @property
     def has_label(self) -> bool:
         return self.label is not None
+
+    @property
+    def image_files(self) -> tuple[str, ...]:
+        return (self.image, *self.more_channels)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Dataset:
     modality: str = "MR"
     missing: list[str] = field(default_factory=list)  # ids listed by the dataset but absent on disk
     ignore_label: int | None = None  # the label value of unannotated voxels (dataset.json's "ignore")
+    channel_names: tuple[str, ...] = ()  # dataset.json's, in channel order; () when it names none
 
     @property
     def labeled(self) -> list[Case]:
@@ -56,7 +65,8 @@ class Dataset:
 
     def describe(self) -> str:
         names = ", ".join(f"{k}={v}" for k, v in sorted(self.class_names.items()))
-        text = f"{self.layout} dataset: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled; modality {self.modality}; classes {names}"
+        kind = f"channels {', '.join(self.channel_names)}" if len(self.channel_names) > 1 else f"modality {self.modality}"
+        text = f"{self.layout} dataset: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled; {kind}; classes {names}"
         if self.ignore_label is not None:
             text += f"; ignore label {self.ignore_label}"
         if self.missing:
@@ -80,6 +90,7 @@ def load_dataset(root: str | os.PathLike, extra_unlabeled: list[str | os.PathLik
     for folder in extra_unlabeled:
         dataset.cases += _unlabeled_in(Path(folder))
     _check_unique(dataset)
+    _check_channels(dataset)
     if not dataset.cases:
         raise InputError(f"{root}: no images found (expected imagesTr/, images/, LA case folders, or volume files)")
     return dataset
@@ -103,7 +114,7 @@ def _unlabeled_in(folder: Path) -> list[Case]:
     """The scans of an extra unlabeled folder: volume files / DICOM series, or an LA h5 tree."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (give a folder of unlabeled scans)")
-    cases = [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(folder), folder).items())]
+    cases = [_case(cid, files) for cid, files in sorted(files_by_case(_images_in(folder), folder).items())]
     if not cases:
         cases = [Case(p.parent.name, str(p)) for p in _la_case_dirs(folder)]
     if not cases:
@@ -128,17 +139,52 @@ def _case_id(path: Path, stems: set[str] = frozenset(), labels: set[str] = froze
     return base, int(match.group(1))
 
 
-def _by_id(paths: list[Path], folder: Path, labels: set[str] = frozenset()) -> dict[str, Path]:
+def files_by_case(paths: list[Path], folder: Path, labels: set[str] = frozenset()) -> dict[str, list[Path]]:
+    """Each case's files in channel order (one file for a single-channel scan)."""
     stems = {strip_suffix(p) for p in paths}
-    result: dict[str, Path] = {}
+    channels: dict[str, dict[int, Path]] = {}
     for path in paths:
         case_id, channel = _case_id(path, stems, labels)
-        if channel != 0:
-            raise InputError(f"{path}: channel {channel} found; semiseg trains on single-channel scans only")
-        if case_id in result:
-            raise InputError(f"{folder}: two scans for case '{case_id}' ({result[case_id].name}, {path.name}); keep one")
-        result[case_id] = path
+        found = channels.setdefault(case_id, {})
+        if channel in found:
+            raise InputError(f"{folder}: two scans for case '{case_id}' ({found[channel].name}, {path.name}); keep one")
+        found[channel] = path
+    result = {}
+    for case_id, found in channels.items():
+        gaps = sorted(set(range(max(found) + 1)) - set(found))
+        if gaps:
+            raise InputError(f"{folder}: case '{case_id}' has channel files up to _{max(found):04d} but not "
+                             + ", ".join(f"_{g:04d}" for g in gaps))
+        result[case_id] = [found[c] for c in sorted(found)]
     return result
+
+
+def _case(case_id: str, files: list[Path], label: Path | None = None) -> Case:
+    return Case(case_id, str(files[0]), str(label) if label else None, tuple(str(f) for f in files[1:]))
+
+
+def _check_channels(dataset: Dataset) -> None:
+    """Every case has the channels the dataset names (or, named nowhere, as many as the others),
+    one file each; a scan in one 4D file is checked when it is read."""
+    files = {c.case_id: len(c.image_files) for c in dataset.cases if not (c.more_channels == () and _is_4d(c.image))}
+    named = len(dataset.channel_names) if len(dataset.channel_names) > 1 else 0
+    expected = named or max(files.values(), default=1)
+    if expected == 1:
+        return
+    for case_id, count in sorted(files.items()):
+        if count != expected:
+            missing = [f"_{c:04d}" + (f" ({dataset.channel_names[c]})" if c < len(dataset.channel_names) else "")
+                       for c in range(count, expected)]
+            problem = f"lacks channel {', '.join(missing)}" if missing else f"has {count} channel files"
+            raise InputError(f"{dataset.root}: case '{case_id}' {problem}; every case needs {expected} channels "
+                             "(one file each, case_0000, case_0001, ..., or one 4D NIfTI)")
+
+
+def _is_4d(path: str) -> bool:
+    from semiseg.io import read_header_size
+
+    size = read_header_size(path)
+    return size is not None and len(size) == 4 and size[3] > 1
 
 
 def _label_files(labels: Path | None) -> dict[str, Path]:
@@ -155,18 +201,20 @@ def _label_files(labels: Path | None) -> dict[str, Path]:
 
 def _paired(root: Path, images: Path, labels: Path | None, layout: str) -> Dataset:
     label_files = _label_files(labels)
-    image_files = _by_id(_images_in(images), images, set(label_files))
+    image_files = files_by_case(_images_in(images), images, set(label_files))
     orphans = sorted(set(label_files) - set(image_files))
     if orphans:
         raise InputError(f"{labels}: labels without an image: {', '.join(orphans[:5])}")
-    cases = [Case(cid, str(path), str(label_files[cid]) if cid in label_files else None) for cid, path in sorted(image_files.items())]
-    return Dataset(str(root), layout, cases, class_names_in(root), _modality(root), ignore_label=ignore_label_in(root))
+    cases = [_case(cid, files, label_files.get(cid)) for cid, files in sorted(image_files.items())]
+    names = channel_names_in(root)
+    return Dataset(str(root), layout, cases, class_names_in(root), "CT" if names[:1] == ("CT",) else "MR",
+                   ignore_label=ignore_label_in(root), channel_names=names)
 
 
 def _msd(root: Path) -> Dataset:
     dataset = _paired(root, root / "imagesTr", root / "labelsTr", "MSD/nnU-Net")
     if (root / "imagesTs").is_dir():
-        dataset.cases += [Case(cid, str(p)) for cid, p in sorted(_by_id(_images_in(root / "imagesTs"), root / "imagesTs").items())]
+        dataset.cases += [_case(cid, files) for cid, files in sorted(files_by_case(_images_in(root / "imagesTs"), root / "imagesTs").items())]
     return dataset
 
 
@@ -258,10 +306,15 @@ def case_id_of(path: str | os.PathLike) -> str:
     return path.parent.name if path.name == LA_FILE else _case_id(path)[0]
 
 
-def _modality(root: Path) -> str:
-    modality = _dataset_json(root).get("modality") or _dataset_json(root).get("channel_names") or {}
-    first = str(next(iter(modality.values()), "MR")) if isinstance(modality, dict) else "MR"
-    return "CT" if first.upper() == "CT" else "MR"
+def channel_names_in(root: str | os.PathLike) -> tuple[str, ...]:
+    """The channel names of dataset.json (nnU-Net v2 `channel_names`, MSD `modality`: {"0": "T2",
+    "1": "ADC"}) in channel order, "CT" spelt as such; () when it names none."""
+    data = _dataset_json(Path(root))
+    names = data.get("channel_names") or data.get("modality") or {}
+    if not isinstance(names, dict) or not all(str(k).strip().isdigit() for k in names):
+        return ()
+    ordered = [str(names[k]).strip() for k in sorted(names, key=lambda k: int(str(k)))]
+    return tuple("CT" if name.upper() == "CT" else name for name in ordered)
 
 
 def _check_unique(dataset: Dataset) -> None:

@@ -41,7 +41,7 @@ def predict_probabilities(
     progress: ProgressCallback | None = None,
     mode: str = "gaussian",
 ) -> np.ndarray:
-    """Softmax of each predictor over a preprocessed (z, y, x) image: array (P, C, z, y, x).
+    """Softmax of each predictor over a preprocessed (z, y, x) image, or (channel, z, y, x): array (P, C, z, y, x).
 
     ``overlap`` may be one fraction or one per axis (z, y, x); ``mode`` is MONAI's blending of
     overlapping windows: "gaussian" (default) or "constant" (a plain average, as the LA papers' code).
@@ -50,7 +50,8 @@ def predict_probabilities(
     accelerator out-of-memory error the volume is predicted again one window at a time with the
     sums on the CPU, and if even that does not fit the error says what to do instead.
     """
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: cached arrays are read-only maps
+    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy: cached arrays are read-only maps
+    x = x[None, None] if x.dim() == 3 else x[None]
     flips = [axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)] if tta else [()]
 
     def all_predictors(patch: torch.Tensor) -> torch.Tensor:
@@ -150,16 +151,18 @@ def predict_volume(
     is background with probability 1. The intensities are normalised over the whole scan first, so
     the windows inside see the values they would see uncropped. `window_scale` > 1 lets a window span
     several training patches (`sliding_window`; `Model.window_scale` says what a model allows)."""
+    plan.check_channels(volume, "the scan")
     resampled = plan.resample_image(volume)
     image = plan.normalize(resampled)
-    box = inference_box(volume, plan, resampled.shape) if crop else tuple(slice(0, n) for n in resampled.shape)
-    covered = image[box]
-    window, overlaps = sliding_window(covered.shape, plan.patch_size, overlap, window_scale)
+    grid = resampled.shape[-3:]
+    box = inference_box(volume, plan, grid) if crop else tuple(slice(0, n) for n in grid)
+    covered = image[(Ellipsis, *box)]
+    window, overlaps = sliding_window(covered.shape[-3:], plan.patch_size, overlap, window_scale)
     inside = predict_probabilities(covered, predictors, window, device, overlaps, tta, sw_batch_size, progress)
     if plan.target_grid(volume.geometry, volume.shape) is None:
         per_network, region = inside, box  # the scan's own grid: everything after is computed inside the box only
     else:
-        on_grid = _paste(inside, image.shape, box)
+        on_grid = _paste(inside, grid, box)
         per_network, region = np.stack([plan.restore(p, volume) for p in on_grid]), tuple(slice(0, n) for n in volume.shape)
     mean = per_network.mean(0)
     labels = np.zeros(volume.shape, np.min_scalar_type(plan.num_classes - 1))  # channel indices
@@ -213,7 +216,7 @@ BODY_HU = -500.0
 def inference_box(volume: Volume, plan: Plan, grid: tuple[int, ...] | None = None) -> tuple[slice, ...]:
     """The (z, y, x) box of the plan's grid that the sliding window covers for this scan."""
     grid = grid or grid_shape(volume.shape, volume.geometry, plan)
-    array = volume.array
+    array = volume.channel(0).array  # a scan of several channels: its first channel's body
     lowest = array.min()
     steps = tuple(max(1, math.ceil(n / 128)) for n in array.shape)
     body = array[tuple(slice(None, None, step) for step in steps)] > (BODY_HU if lowest <= BODY_HU else lowest)
@@ -313,9 +316,9 @@ def network_calls(volume: Volume, plan: Plan, predictors: int, overlap: float = 
 
 @torch.inference_mode()
 def measure_window_cost(predictors: list[Callable[[torch.Tensor], torch.Tensor]], patch_size: tuple[int, int, int],
-                        device: torch.device, sw_batch_size: int = SW_BATCH_SIZE) -> WindowCost:
+                        device: torch.device, sw_batch_size: int = SW_BATCH_SIZE, in_channels: int = 1) -> WindowCost:
     """Time one batch of random windows through each predictor on the device (see the notes above)."""
-    patch = torch.randn(sw_batch_size, 1, *patch_size, device=device)
+    patch = torch.randn(sw_batch_size, in_channels, *patch_size, device=device)
     accelerator = device.type != "cpu"
     if accelerator:
         for predictor in predictors:  # lazy initialisation, kernel selection
@@ -365,7 +368,7 @@ def estimate_inference(volume: Volume, plan: Plan, predictors: int, cost: Window
     on_grid = math.prod(grid)
     on_scan = math.prod(volume.shape)
     channels = len(plan.class_names) * predictors
-    grid_phase = 4 * on_grid * (3 + (channels + 1) + 2 * channels + (1 + channels if tta else 0))
+    grid_phase = 4 * on_grid * (3 * plan.in_channels + (channels + 1) + 2 * channels + (1 + channels if tta else 0))
     scan_phase = 4 * on_grid * channels + 4 * on_scan * (2 * channels + 2 * len(plan.class_names) + 2) + on_scan
     return InferenceEstimate(calls * cost.seconds * per_call, max(grid_phase, scan_phase) + int(cost.bytes * per_call), calls, grid,
                              cost.device)

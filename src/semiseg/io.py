@@ -14,7 +14,7 @@ import secrets
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +80,24 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3D array in (z, y, x) order with the geometry of its grid."""
+    """A 3D array in (z, y, x) order with the geometry of its grid; a scan of several channels
+    (multi-parametric MRI) holds them first: (channel, z, y, x)."""
 
     array: np.ndarray
     geometry: Geometry
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.array.shape  # type: ignore[return-value]
+        """The grid's (z, y, x) size, whatever the channels."""
+        return self.array.shape[-3:]  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.array.ndim == 3 else self.array.shape[0]
+
+    def channel(self, index: int) -> Volume:
+        """One channel as a 3D volume on the same grid."""
+        return self if self.array.ndim == 3 else Volume(self.array[index], self.geometry)
 
 
 def volume_suffix(path: str | os.PathLike) -> str | None:
@@ -149,26 +159,80 @@ def read_volume(path: str | os.PathLike, dataset: str = "image") -> Volume:
     return _checked(path, _read_sitk_file(path))
 
 
+def read_scan(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Volume:
+    """A scan of one or several channels: one file per channel (nnU-Net's case_0000, case_0001, ...,
+    on one grid), or one 4D NIfTI holding the channels on its 4th axis (MSD BrainTumour, Prostate).
+    One 3D file gives a 3D volume; several channels give (channel, z, y, x)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(paths) == 1:
+        path = Path(paths[0])
+        stack = _read_channel_stack(path) if path.is_file() and volume_suffix(path) in (".nii", ".nii.gz") else None
+        return stack if stack is not None else read_volume(path)
+    volumes = [read_volume(path) for path in paths]
+    for path, volume in zip(paths[1:], volumes[1:]):
+        if volume.shape != volumes[0].shape or not volume.geometry.matches(volumes[0].geometry):
+            raise InputError(f"{path}: this channel's grid (shape {volume.shape}, spacing/origin/direction) differs from "
+                             f"{Path(paths[0]).name}'s; the channels of a scan must share one grid")
+    return Volume(np.stack([v.array for v in volumes]), volumes[0].geometry)
+
+
+def _read_channel_stack(path: Path) -> Volume | None:
+    """A 4D NIfTI of several 3D channels as (channel, z, y, x); None when the file is not one."""
+    with _opened(path) as reader:
+        if reader is None:
+            return None  # read_volume gives the reason
+        size = reader.GetSize()
+        if len(size) != 4 or size[3] < 2 or reader.GetNumberOfComponents() != 1:
+            return None
+        _check_header(path, size[:3], 1)
+        _check_nifti_payload(path, volume_suffix(path) == ".nii.gz")
+        try:
+            image = reader.Execute()
+        except RuntimeError as error:
+            raise InputError(f"{_shown(path)}: the file is corrupt or truncated ({_first_line(error)})") from None
+    channels = [sitk.Extract(image, [*size[:3], 0], [0, 0, 0, c]) for c in range(size[3])]
+    volume = Volume(np.stack([sitk.GetArrayFromImage(c) for c in channels]), Geometry.of_image(channels[0]))
+    return _checked(path, volume)
+
+
 def read_header(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, int]] | None:
-    """Geometry and (z, y, x) shape of a 3D volume file from its header alone; None when the
-    header cannot say (unreadable, not 3D, h5, a folder): read the volume then."""
-    path = Path(path)
+    """Geometry and (z, y, x) shape of a volume file from its header alone (of one channel, for a
+    4D NIfTI of several channels); None when the header cannot say (unreadable, h5, a folder): read
+    the volume then."""
+    with _opened(Path(path)) as reader:
+        if reader is None or reader.GetDimension() not in (3, 4):
+            return None
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetSpacing(reader.GetSpacing()[:3])
+    image.SetOrigin(reader.GetOrigin()[:3])
+    direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3]
+    image.SetDirection(direction.ravel().tolist())
+    return Geometry.of_image(image), tuple(reversed(reader.GetSize()[:3]))
+
+
+def read_header_size(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """The image size the file's header gives, (x, y, z[, channels]) as ITK orders it; None when
+    the header cannot say."""
+    with _opened(Path(path)) as reader:
+        return None if reader is None else tuple(int(n) for n in reader.GetSize())
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[sitk.ImageFileReader | None]:
+    """A reader of the file with its header read, usable (Execute) inside the block; None when the
+    header does not read (or the file is h5, a folder, not a volume)."""
     if not path.is_file() or volume_suffix(path) in (None, ".h5"):
-        return None
+        yield None
+        return
     with _itk_name(path) as name:
         reader = sitk.ImageFileReader()
         reader.SetFileName(name)
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            return None
-    if reader.GetDimension() != 3:
-        return None
-    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    image.SetSpacing(reader.GetSpacing())
-    image.SetOrigin(reader.GetOrigin())
-    image.SetDirection(reader.GetDirection())
-    return Geometry.of_image(image), tuple(reversed(reader.GetSize()))
+            yield None
+            return
+        yield reader
 
 
 def _read_sitk_file(path: Path) -> Volume:
@@ -352,7 +416,7 @@ def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
 
 
 def _checked(path: Path, volume: Volume) -> Volume:
-    if volume.array.ndim != 3 or min(volume.array.shape) < 1:
+    if volume.array.ndim not in (3, 4) or min(volume.array.shape) < 1:
         raise InputError(f"{path}: expected a non-empty 3D volume, got shape {volume.array.shape}")
     if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
         bad = int((~np.isfinite(volume.array)).sum())

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from semiseg.datasets import Case, Dataset, Split
 from semiseg.errors import InputError
-from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_volume
+from semiseg.io import Geometry, Volume, check_same_grid, read_header, read_scan, read_volume
 from semiseg.labels import channels_to_values, check_label_mapping, values_to_channels
 
 CT_PERCENTILES = (0.5, 99.5)
@@ -30,6 +30,8 @@ LOW_RESOLUTION_PERCENTILE = 10
 _TRAINING_STATISTICS = ("training_percentiles", "training_spacing_range")
 # Fields a plan holds only when set (an older plan without them is written back as it was read).
 _OPTIONAL = (*_TRAINING_STATISTICS, "label_values", "ignore_label", "low_resolution_axis", "pooling", "kernel_sizes")
+# Fields of multi-channel plans only: written when set and, unlike the above, part of the cache key.
+_CHANNEL_FIELDS = ("channel_names", "channel_normalization")
 _AXES = "zyx"
 
 
@@ -60,6 +62,33 @@ class Plan:
     low_resolution_axis: int | None = None
     pooling: tuple[tuple[int, int, int], ...] | None = None
     kernel_sizes: tuple[tuple[int, int, int], ...] | None = None
+    # Scans of several channels (multi-parametric MRI): their names in input order (None: one
+    # channel), and the normalisation of channels 1, 2, ... as {"normalization", "intensity_clip",
+    # "intensity_mean", "intensity_std"}; channel 0's is the fields above.
+    channel_names: tuple[str, ...] | None = None
+    channel_normalization: tuple[dict, ...] | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names) if self.channel_names else 1
+
+    def describe_channels(self) -> str:
+        """The input channels and their normalisation in one line (`semiseg info`)."""
+        if not self.channel_names:
+            return f"input: one channel ({self.normalization} normalisation)"
+        kinds = [self.normalization] + [n["normalization"] for n in self.channel_normalization or ()]
+        return "input: " + ", ".join(f"{i}={name} ({kind})" for i, (name, kind) in enumerate(zip(self.channel_names, kinds)))
+
+    def check_channels(self, volume: Volume, where: str) -> None:
+        """Refuse a scan whose channel count is not the model's, naming what is missing."""
+        if volume.channels == self.in_channels:
+            return
+        names = self.channel_names or ("image",)
+        if volume.channels < self.in_channels:
+            missing = ", ".join(f"{name} (channel {i}, file _{i:04d})" for i, name in enumerate(names) if i >= volume.channels)
+            raise InputError(f"{where}: {volume.channels} channel(s), but this model takes {self.in_channels} "
+                             f"({', '.join(names)}); missing: {missing}")
+        raise InputError(f"{where}: {volume.channels} channels, but this model takes {self.in_channels} ({', '.join(names)})")
 
     @property
     def channel_values(self) -> tuple[int, ...]:
@@ -73,7 +102,7 @@ class Plan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["class_names"] = {str(k): v for k, v in self.class_names.items()}
-        for key in _OPTIONAL:
+        for key in (*_OPTIONAL, *_CHANNEL_FIELDS):
             if data[key] is None:
                 del data[key]  # an older plan is written back as it was read
         return data
@@ -83,7 +112,7 @@ class Plan:
         data = dict(data)
         data["class_names"] = {int(k): v for k, v in data["class_names"].items()}
         data["patch_size"] = tuple(data["patch_size"])
-        for key in ("target_spacing", "intensity_clip", "training_percentiles", "label_values"):
+        for key in ("target_spacing", "intensity_clip", "training_percentiles", "label_values", "channel_names", "channel_normalization"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         for key in ("training_spacing_range", "pooling", "kernel_sizes"):
@@ -100,11 +129,16 @@ class Plan:
 
     # Images ---------------------------------------------------------------------------------
     def normalize(self, array: np.ndarray) -> np.ndarray:
-        array = array.astype(np.float32, copy=False)
-        if self.normalization == "ct":
-            lo, hi = self.intensity_clip  # type: ignore[misc]
-            return (np.clip(array, lo, hi) - self.intensity_mean) / max(self.intensity_std, 1e-8)
-        return (array - array.mean()) / max(float(array.std()), 1e-8)
+        """A (z, y, x) scan, or (channel, z, y, x), each channel by its own rule."""
+        if array.ndim == 4:
+            return np.stack([_normalized(channel, self._channel_rule(i)) for i, channel in enumerate(array)])
+        return _normalized(array, self._channel_rule(0))
+
+    def _channel_rule(self, index: int) -> dict:
+        if index == 0:
+            return {"normalization": self.normalization, "intensity_clip": self.intensity_clip,
+                    "intensity_mean": self.intensity_mean, "intensity_std": self.intensity_std}
+        return self.channel_normalization[index - 1]  # type: ignore[index]
 
     def target_grid(self, geometry: Geometry, shape: tuple[int, int, int]) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
         """(spacing xyz, size xyz) of the resampled grid, or None when the scan is already on it."""
@@ -117,7 +151,7 @@ class Plan:
         return target_xyz, size_xyz
 
     def preprocess_image(self, volume: Volume) -> np.ndarray:
-        """Float32 (z, y, x) on the target grid, normalised."""
+        """Float32 (z, y, x), or (channel, z, y, x), on the target grid, normalised."""
         return self.normalize(self.resample_image(volume))
 
     def resample_image(self, volume: Volume) -> np.ndarray:
@@ -156,9 +190,19 @@ class Plan:
         return np.stack(restored)
 
 
+def _normalized(array: np.ndarray, rule: dict) -> np.ndarray:
+    array = array.astype(np.float32, copy=False)
+    if rule["normalization"] == "ct":
+        lo, hi = rule["intensity_clip"]
+        return (np.clip(array, lo, hi) - rule["intensity_mean"]) / max(rule["intensity_std"], 1e-8)
+    return (array - array.mean()) / max(float(array.std()), 1e-8)
+
+
 def _resample(volume: Volume, grid, interpolator) -> np.ndarray:
     if grid is None:
         return volume.array
+    if volume.channels > 1:
+        return np.stack([_resample(volume.channel(i), grid, interpolator) for i in range(volume.channels)])
     spacing_xyz, size_xyz = grid
     image = sitk.GetImageFromArray(volume.array)
     volume.geometry.apply_to(image)
@@ -171,8 +215,8 @@ def _resample(volume: Volume, grid, interpolator) -> np.ndarray:
 # Reading cases ----------------------------------------------------------------------------------
 
 def read_case(case: Case) -> tuple[Volume, Volume | None]:
-    """The case's image and label volumes, the label checked against the image's grid."""
-    image = read_volume(case.image, "image")
+    """The case's image (all its channels) and label volumes, the label checked against the image's grid."""
+    image = read_scan(case.image_files)
     if case.label is None:
         return image, None
     label = read_volume(case.label, "label")
@@ -243,16 +287,33 @@ def compute_plan(
                 label_values=label_values, ignore_label=ignore_label, low_resolution_axis=low_resolution_axis,
                 pooling=pooling, kernel_sizes=kernel_sizes)
     samples = training_intensity_samples([by_id[i] for i in train_ids])
-    plan.training_percentiles = tuple(float(v) for v in np.percentile(samples, TRAINING_PERCENTILES))
+    # The mismatch warnings compare a scan's first channel with the training scans'.
+    plan.training_percentiles = tuple(float(v) for v in np.percentile(samples[0], TRAINING_PERCENTILES))
     plan.training_spacing_range = spacing_range(spacings)
-    if dataset.modality == "CT":
-        # As 3D-CPS does: intensity statistics from all voxels of all training scans, unlabeled included.
-        lo, hi = np.percentile(samples, CT_PERCENTILES)
-        clipped = np.clip(samples, lo, hi)
-        plan.normalization = "ct"
-        plan.intensity_clip = (float(lo), float(hi))
-        plan.intensity_mean, plan.intensity_std = float(clipped.mean()), float(clipped.std())
+    names = channel_names(dataset, len(samples))
+    rules = [channel_rule(values, dataset.modality == "CT" if len(samples) == 1 else name == "CT") for values, name in zip(samples, names)]
+    plan.normalization, plan.intensity_clip, plan.intensity_mean, plan.intensity_std = (
+        rules[0]["normalization"], rules[0]["intensity_clip"], rules[0]["intensity_mean"], rules[0]["intensity_std"])
+    if len(samples) > 1:
+        plan.channel_names, plan.channel_normalization = names, tuple(rules[1:])
     return plan
+
+
+def channel_names(dataset: Dataset, channels: int) -> tuple[str, ...]:
+    """The dataset's names for its channels, "channel i" where it names none."""
+    named = dataset.channel_names if len(dataset.channel_names) == channels else ()
+    return named or tuple(f"channel {i}" for i in range(channels))
+
+
+def channel_rule(samples: np.ndarray, ct: bool) -> dict:
+    """A channel's normalisation: z-score per scan, or for CT (as 3D-CPS does) a clip to the 0.5-99.5
+    percentiles of all training voxels, unlabeled included, and their mean and sd."""
+    if not ct:
+        return {"normalization": "zscore", "intensity_clip": None, "intensity_mean": 0.0, "intensity_std": 1.0}
+    lo, hi = np.percentile(samples, CT_PERCENTILES)
+    clipped = np.clip(samples, lo, hi)
+    return {"normalization": "ct", "intensity_clip": (float(lo), float(hi)),
+            "intensity_mean": float(clipped.mean()), "intensity_std": float(clipped.std())}
 
 
 def full_resolution_spacing(spacings_zyx: np.ndarray, shapes_zyx: np.ndarray) -> tuple[tuple[float, float, float], int | None]:
@@ -288,9 +349,18 @@ def pooling_schedule(spacing_zyx: tuple[float, float, float], downsamplings: int
     return tuple(strides[:-1]), tuple(kernels)  # type: ignore[return-value]
 
 
-def training_intensity_samples(cases: list[Case]) -> np.ndarray:
-    """Raw voxel values sampled from each case's image (at most VOXELS_SAMPLED_PER_SCAN per scan), pooled."""
-    return np.concatenate([sample_voxels(read_volume(case.image).array, case.case_id) for case in cases])
+def training_intensity_samples(cases: list[Case]) -> list[np.ndarray]:
+    """Raw voxel values of each channel sampled from each case's image (at most VOXELS_SAMPLED_PER_SCAN
+    per scan and channel), pooled over the cases: one array per channel."""
+    per_case = []
+    for case in cases:
+        volume = read_scan(case.image_files)
+        per_case.append([sample_voxels(volume.channel(i).array, case.case_id) for i in range(volume.channels)])
+    counts = {len(channels) for channels in per_case}
+    if len(counts) > 1:
+        found = ", ".join(f"{case.case_id}: {len(channels)}" for case, channels in zip(cases, per_case))
+        raise InputError(f"the training scans differ in their number of channels ({found}); every scan needs the same channels")
+    return [np.concatenate(channel) for channel in zip(*per_case)]
 
 
 def spacing_range(spacings_zyx: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -303,7 +373,7 @@ def _header(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
 
 
 def _header_by_reading(case: Case) -> tuple[Geometry, tuple[int, int, int]]:
-    volume = read_volume(case.image)
+    volume = read_scan(case.image_files)
     return volume.geometry, volume.shape
 
 
@@ -336,8 +406,9 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
     # a stale cached label (channel i = value i without ignore, the mapping of older plans, adds nothing).
     identity = plan.channel_values == tuple(range(plan.num_classes)) and plan.ignore_label is None
     mapping = "" if identity else f"|{plan.channel_values}|{plan.ignore_label}"
+    images = "|".join(_file_token(path) for path in case.image_files)
     token = hashlib.sha256(
-        f"{_file_token(case.image)}|{_file_token(case.label)}|{sorted(plan.class_names)}{mapping}".encode(errors="surrogateescape")
+        f"{images}|{_file_token(case.label)}|{sorted(plan.class_names)}{mapping}".encode(errors="surrogateescape")
     ).hexdigest()[:12]
     folder = cache_root() / "preprocessed" / plan.key()
     image_path = folder / f"{case.case_id}-{token}.image.npy"
@@ -345,6 +416,7 @@ def cached_case(case: Case, plan: Plan, with_label: bool) -> tuple[np.ndarray, n
     if not image_path.exists() or (with_label and not label_path.exists()):
         folder.mkdir(parents=True, exist_ok=True)
         image, label = read_case(case)
+        plan.check_channels(image, case.image)
         _save_atomic(image_path, plan.preprocess_image(image))
         if label is not None:
             check_label_values(label.array, plan.class_names, case.label or case.image, plan.ignore_label)

@@ -36,7 +36,8 @@ AUGMENTATIONS = ("default", "ua-mt")
 
 @dataclass
 class Volumes:
-    """Preprocessed arrays (z, y, x), with labels for the labeled pool."""
+    """Preprocessed arrays (z, y, x), or (channel, z, y, x) for scans of several channels, with labels
+    (z, y, x) for the labeled pool."""
 
     images: list[np.ndarray]
     labels: list[np.ndarray] | None = None
@@ -99,6 +100,11 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return 2**62  # indices are sample counters, never exhausted
 
+    def _strong_channel(self, channel: torch.Tensor, seed: int) -> torch.Tensor:
+        """One channel's strong view: each channel draws its own perturbations (T2 and ADC are not one contrast)."""
+        self.strong.set_random_state(seed=seed)
+        return torch.as_tensor(np.asarray(self.strong({"image": channel[None].clone()})["image"]))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         set_track_meta(False)  # plain tensors: MONAI's metadata tracking triples the cost of a patch
         rng = np.random.default_rng([self.seed, index])
@@ -114,17 +120,17 @@ class PatchDataset(Dataset):
         if self.ua_mt:
             sample = _ua_mt_patch({"image": image, "label": label}, self.patch_size, rng)
         else:
-            corner = _corner(image.shape, self.patch_size, centre, rng)
+            corner = _corner(image.shape[-3:], self.patch_size, centre, rng)
             sample = {key: _crop(array, self.patch_size, corner) for key, array in (("image", image), ("label", label)) if array is not None}
-        sample = {key: array[None].astype(np.float32) for key, array in sample.items()}
+        sample = {key: (array if array.ndim == 4 else array[None]).astype(np.float32) for key, array in sample.items()}
         transform_seed = int(rng.integers(2**31))
         if self.spatial is not None:
             self.spatial.set_random_state(seed=transform_seed)
             sample = self.spatial(sample)
         sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
         if self.strong_view:  # its own seed: skipping it leaves every other draw unchanged
-            self.strong.set_random_state(seed=transform_seed + 1)
-            sample["image_strong"] = torch.as_tensor(np.asarray(self.strong({"image": sample["image"].clone()})["image"]))
+            sample["image_strong"] = torch.cat([self._strong_channel(channel, transform_seed + 1 + index)
+                                                for index, channel in enumerate(sample["image"])])
         if "label" in sample:
             sample["label"] = sample["label"].round().long()
         return sample
@@ -136,9 +142,10 @@ def _ua_mt_patch(arrays: dict[str, np.ndarray | None], patch: np.ndarray, rng: n
     y and x sides swapped for odd k) and turning the crop draws the same patches at a patch's cost."""
     turns, flip_axis = int(rng.integers(4)), int(rng.integers(1, 3))
     source_patch = patch[[0, 2, 1]] if turns % 2 else patch
-    shape = next(a for a in arrays.values() if a is not None).shape
+    shape = next(a for a in arrays.values() if a is not None).shape[-3:]
     corner = _corner(shape, source_patch, None, rng)
-    return {key: np.ascontiguousarray(np.flip(np.rot90(_crop(array, source_patch, corner), turns, axes=(1, 2)), flip_axis))
+    # Axes counted from the end: an image of several channels has one more in front.
+    return {key: np.ascontiguousarray(np.flip(np.rot90(_crop(array, source_patch, corner), turns, axes=(-2, -1)), flip_axis - 3))
             for key, array in arrays.items() if array is not None}
 
 
@@ -167,11 +174,11 @@ def _corner(shape, patch: np.ndarray, centre, rng: np.random.Generator) -> np.nd
 
 
 def _crop(array: np.ndarray, patch: np.ndarray, corner: np.ndarray) -> np.ndarray:
-    """Crop `patch` voxels at `corner`, zero-padding (centred) arrays smaller than the patch."""
-    pad = np.maximum(patch - np.array(array.shape), 0)
+    """Crop `patch` voxels at `corner` from the last three axes, zero-padding (centred) arrays smaller than the patch."""
+    pad = np.maximum(patch - np.array(array.shape[-3:]), 0)
     if pad.any():
-        array = np.pad(array, [(p // 2, p - p // 2) for p in pad])
-    return np.ascontiguousarray(array[tuple(slice(int(c), int(c + p)) for c, p in zip(corner, patch))])
+        array = np.pad(array, [(0, 0)] * (array.ndim - 3) + [(p // 2, p - p // 2) for p in pad])
+    return np.ascontiguousarray(array[(Ellipsis, *(slice(int(c), int(c + p)) for c, p in zip(corner, patch)))])
 
 
 class IterationBatches(Sampler[list[int]]):

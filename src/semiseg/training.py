@@ -121,7 +121,7 @@ class Trainer:
         if self.plan.pooling is not None and pools_per_axis(config.network, network_options) and \
                 any(stride == 1 for stage in self.plan.pooling for stride in stage):  # anisotropic: pool as planned
             network_options.update(pooling_options(config.network, self.plan.pooling, self.plan.kernel_sizes))
-        self.method: Method = build_method(config.method, 1, self.plan.num_classes, NetworkSpec(config.network, network_options),
+        self.method: Method = build_method(config.method, self.plan.in_channels, self.plan.num_classes, NetworkSpec(config.network, network_options),
                                            dict(config.method_options), ignore_label=self.plan.ignore_label is not None)
         if config.initial_checkpoint and not config.resume:
             self._initialise_from(config.initial_checkpoint)
@@ -347,7 +347,7 @@ class Trainer:
     def _record(self) -> ModelRecord:
         return ModelRecord(
             method=self.method.name, method_options=dict(self.method.options), network=self.method.network_spec.name,
-            network_options=dict(self.method.network_spec.options), in_channels=1, num_classes=self.plan.num_classes, plan=self.plan,
+            network_options=dict(self.method.network_spec.options), in_channels=self.plan.in_channels, num_classes=self.plan.num_classes, plan=self.plan,
             split=self.split, data=str(self.config.data), seed=self.config.seed, iteration=self.iteration,
             iterations=self.config.iterations, train_config=self.config.to_dict(),
             best_dice_mean=self.best if self.best >= 0 else None, validation_history=self.history,

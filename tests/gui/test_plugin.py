@@ -482,6 +482,40 @@ def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, c
     assert widget.buttons.start.isEnabled()
 
 
+def test_segment_takes_one_layer_per_channel_of_a_two_channel_model(make_napari_viewer, qtbot, tmp_path, messages, one_thread):
+    """A model of two channels (T2 + a derived 'ADC', multichannel_data.py): Segment asks for the ADC layer,
+    preselects it by its nnU-Net suffix, and predicts what the engine predicts from the two files."""
+    import torch
+
+    from multichannel_data import CASES, two_channel_folder
+    from semiseg.inference import predict_volume
+    from semiseg.io import read_scan
+    from semiseg.training import TrainConfig, train
+
+    root = two_channel_folder(tmp_path / "data", CASES[:3])
+    best = train(TrainConfig(data=str(root), output=str(tmp_path / "run"), method="supervised", network="vnet",
+                             network_options={"base_filters": 4}, labeled="2", validation="0", iterations=6, log_every=3,
+                             validate_every=1000, workers=0, device="cpu", seed=0))
+    files = [root / "imagesTr" / f"{CASES[2]}_{channel}.nii.gz" for channel in ("0000", "0001")]
+    viewer = make_napari_viewer()
+    t2 = viewer.open(str(files[0]), plugin=PLUGIN)[0]
+    widget = segment_widget(viewer, best)
+    widget.image.set_layer(t2)
+    assert [name for name, _ in widget.channels] == ["ADC"]
+    click(qtbot, widget.buttons.start)
+    assert "choose the layer of its 'ADC' channel" in messages["error"][-1]
+
+    adc = viewer.open(str(files[1]), plugin=PLUGIN)[0]
+    widget.image.set_layer(t2)  # opening the ADC made it the active layer, which the scan choice follows
+    assert widget.channels[0][1].layer() is adc  # preselected by its _0001 suffix
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    assert "done in" in widget.buttons.status.text(), widget.buttons.status.text()
+    model = load_model(best)
+    expected = predict_volume(read_scan(files), model.plan, model.predictors(), torch.device("cpu")).labels.array
+    np.testing.assert_array_equal(np.asarray(widget.prediction.data), expected)
+
+
 # Fine-tune --------------------------------------------------------------------------------------------
 
 

@@ -175,7 +175,7 @@ def calibrate(model, checkpoint: str, device: torch.device) -> None:
     """Measure the model's window cost on the device, once per model and device."""
     key = _calibration_key(checkpoint, device)
     if key is not None and key not in _CALIBRATIONS:
-        cost = measure_window_cost(model.predictors(), model.plan.patch_size, device)
+        cost = measure_window_cost(model.predictors(), model.plan.patch_size, device, in_channels=model.plan.in_channels)
         _CALIBRATIONS[key] = _Calibration(cost, model.plan, len(model.predictors()), model.overlap, model.window_scale)
 
 
