@@ -166,13 +166,14 @@ def _case(case_id: str, files: list[Path], label: Path | None = None) -> Case:
 def _check_channels(dataset: Dataset) -> None:
     """Every case has the channels the dataset names (or, named nowhere, as many as the others),
     one file each; a scan in one 4D file is checked when it is read."""
-    files = {c.case_id: len(c.image_files) for c in dataset.cases if not (c.more_channels == () and _is_4d(c.image))}
+    files = {c.case_id: len(c.image_files) for c in dataset.cases}
     named = len(dataset.channel_names) if len(dataset.channel_names) > 1 else 0
     expected = named or max(files.values(), default=1)
     if expected == 1:
         return
+    one_file = {c.case_id: c.image for c in dataset.cases if not c.more_channels}
     for case_id, count in sorted(files.items()):
-        if count != expected:
+        if count != expected and not (case_id in one_file and _is_4d(one_file[case_id])):
             missing = [f"_{c:04d}" + (f" ({dataset.channel_names[c]})" if c < len(dataset.channel_names) else "")
                        for c in range(count, expected)]
             problem = f"lacks channel {', '.join(missing)}" if missing else f"has {count} channel files"

@@ -168,12 +168,18 @@ def read_scan(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Volume:
         path = Path(paths[0])
         stack = _read_channel_stack(path) if path.is_file() and volume_suffix(path) in (".nii", ".nii.gz") else None
         return stack if stack is not None else read_volume(path)
-    volumes = [read_volume(path) for path in paths]
-    for path, volume in zip(paths[1:], volumes[1:]):
-        if volume.shape != volumes[0].shape or not volume.geometry.matches(volumes[0].geometry):
-            raise InputError(f"{path}: this channel's grid (shape {volume.shape}, spacing/origin/direction) differs from "
-                             f"{Path(paths[0]).name}'s; the channels of a scan must share one grid")
-    return Volume(np.stack([v.array for v in volumes]), volumes[0].geometry)
+    return stack_channels([read_volume(path) for path in paths], [str(path) for path in paths])
+
+
+def stack_channels(volumes: Sequence[Volume], names: Sequence[str]) -> Volume:
+    """3D volumes of one scan's channels as one (channel, z, y, x) volume, refusing a channel on
+    another grid (`names` say which in the message)."""
+    first = volumes[0]
+    for name, volume in zip(names[1:], volumes[1:]):
+        if volume.shape != first.shape or not volume.geometry.matches(first.geometry):
+            raise InputError(f"{name}: this channel's grid (shape {volume.shape}, spacing/origin/direction) differs from "
+                             f"{names[0]}'s (shape {first.shape}); the channels of a scan must share one grid")
+    return Volume(np.stack([v.array for v in volumes]), first.geometry)
 
 
 def _read_channel_stack(path: Path) -> Volume | None:

@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QHeaderView,
 
 from semiseg.compatibility import mismatch_warnings
 from semiseg.errors import InputError, SemisegError
-from semiseg.io import Volume
+from semiseg.io import Volume, stack_channels
 from semiseg.models import read_record
 from semiseg.napari import jobs
 from semiseg.napari.checkpoints import read_record_or_none
@@ -135,20 +135,14 @@ class SegmentWidget(QWidget):
 
     def scan_volume(self, layer) -> Volume:
         """The scan layer, stacked with the layers chosen for the model's other channels."""
-        volume = volume_from_layer(layer)
         if not self.channels:
-            return volume
-        arrays = [volume.array]
+            return volume_from_layer(layer)
+        layers = [layer]
         for name, choice in self.channels:
-            other = choice.layer()
-            if other is None:
+            if choice.layer() is None:
                 raise InputError(f"this model takes {len(self.channels) + 1} channels: choose the layer of its '{name}' channel")
-            channel = volume_from_layer(other)
-            if channel.shape != volume.shape or not channel.geometry.matches(volume.geometry):
-                raise InputError(f"'{other.name}' ({name}) is not on the grid of '{layer.name}' (shape {channel.shape} vs "
-                                 f"{volume.shape}, or spacing/origin/direction); a scan's channels share one grid")
-            arrays.append(channel.array)
-        return Volume(np.stack(arrays), volume.geometry)
+            layers.append(choice.layer())
+        return stack_channels([volume_from_layer(each) for each in layers], [f"'{each.name}'" for each in layers])
 
     def _model_chosen(self, *args) -> None:
         """One layer choice per channel after the first, for a model of several channels (named by the model),
