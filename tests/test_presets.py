@@ -99,9 +99,10 @@ def test_voxel_adversarial_is_its_la_settings():
 
 def test_dk_uxnet_is_its_section_3_2():
     # DK-UXNet Sec. 3.2: batch 4 = two samples, each in a weak and a strong view; 112x112x80 random crops
-    # "following [23]" (UA-MT); AdamW, initial lr 0.0001; the 3D UX-Net backbone (Sec. 2.2).
+    # "following [23]" (UA-MT); AdamW, initial lr 0.0001; the 3D UX-Net backbone (Sec. 2.2); Eq. 3's L_segc
+    # and L_qdc both on (the default leaves L_segc off).
     check_preset("dk-uxnet", {"network": "uxnet", "batch_size": 1, "augmentation": "ua-mt", "amp": False,
-                              "method_options": {"lr": 1e-4}})
+                              "method_options": {"lr": 1e-4, "segc": True}})
 
 
 def test_3d_cps_is_its_table_2():

@@ -70,9 +70,9 @@ PAPER: dict[str, dict[str, Any]] = {
         "alpha": 0.01, "beta": 0.1, "pseudo_threshold": 0.7, "feature_width": 64,
         "discriminator_lr": 2e-4, "discriminator_betas": [0.5, 0.999]}},
     # DK-UXNet Sec. 3.2: 3D UX-Net backbone, AdamW lr 1e-4, batch 4 = two samples in a weak and a
-    # strong view, 112 x 112 x 80 random crops "following [23]" (UA-MT).
+    # strong view, 112 x 112 x 80 random crops "following [23]" (UA-MT); both contrastive terms (Eq. 3).
     "dk-uxnet": {"network": "uxnet", "batch_size": 1, "augmentation": "ua-mt", "amp": False,
-                 "method_options": {"lr": 1e-4}},
+                 "method_options": {"lr": 1e-4, "segc": True}},
     # 3D-CPS Table 2: SGD, weight decay 3e-5, initial lr 0.01, 1000 epochs (nnU-Net: 250 iterations
     # each), batch 2 in D_l and 2 in D_u; Sec. 2.2 lambda linear to 0.5; nnU-Net networks, AMP.
     "3d-cps": {"network": "residual-unet", "iterations": 250_000, "batch_size": 2, "amp": True,
