@@ -51,6 +51,11 @@ def test_a_4d_nifti_reads_as_the_stack_of_its_channel_files(tmp_path):
     assert stacked.array.shape == separate.array.shape == (2, *read_volume(files[0]).shape)
     np.testing.assert_allclose(stacked.array, separate.array, rtol=1e-6)
     assert stacked.geometry.matches(separate.geometry)
+    written = read_scan(write_volume(separate, tmp_path / "written.nii.gz"))  # a scan of channels writes as a 4D NIfTI
+    np.testing.assert_array_equal(written.array, separate.array)
+    assert written.geometry.matches(separate.geometry)
+    with pytest.raises(InputError, match="written as a 4D NIfTI"):
+        write_volume(separate, tmp_path / "written.nrrd")
 
     moved = read_volume(files[1])
     geometry = dataclasses.replace(moved.geometry, origin=tuple(o + 5 for o in moved.geometry.origin))
@@ -117,6 +122,18 @@ def test_train_predict_and_the_missing_channel_refusal_on_two_channel_scans(tmp_
     image, label = read_case(next(c for c in load_dataset(root).cases if c.case_id == "hippocampus_011"))
     assert folder.geometry.matches(label.geometry) and np.isin(folder.array, [0, 1, 2]).all()
 
+    # Fine-tuning on a correction given by its first channel's file: the channel files beside it come along.
+    corrected = tmp_path / "corrected"
+    corrected.mkdir()
+    for channel in ("0000", "0001"):
+        shutil.copy(scans / f"hippocampus_011_{channel}.nii.gz", corrected / f"patient_{channel}.nii.gz")
+    shutil.copy(root / "labelsTr" / "hippocampus_011.nii.gz", corrected / "patient.nii.gz")
+    correction = f"{corrected / 'patient_0000.nii.gz'}:{corrected / 'patient.nii.gz'}"
+    assert main(["finetune", "--checkpoint", str(best), "--corrections", correction, "--data", str(root),
+                 "--out", str(tmp_path / "tuned"), "--iterations", "2", "--device", "cpu"]) == 0
+    tuned = load_model(tmp_path / "tuned" / "last")
+    assert tuned.record.iteration == 2 and tuned.plan.channel_names == ("T2", "ADC")
+
     (scans / "hippocampus_011_0001.nii.gz").unlink()
     capsys.readouterr()
     assert main(["predict", str(scans / "hippocampus_011_0000.nii.gz"), "--checkpoint", str(best), "--out", str(tmp_path / "x")]) == 2
@@ -140,6 +157,18 @@ def test_msd_4d_niftis_plan_two_channels_and_a_scan_with_a_third_is_refused(tmp_
     assert plan.channel_names == ("T2", "ADC") and plan.in_channels == 2
     image, label = cached_case(dataset.cases[0], plan, with_label=True)
     assert image.shape == (2, *label.shape)
+
+    # napari's reader: one image layer per channel, named by suffix and dataset.json, on the channel's grid
+    from semiseg.napari._reader import read_layers
+    from semiseg.napari.layers import geometry_from
+
+    layers = read_layers(root / "imagesTr" / f"{CASES[0]}.nii.gz")
+    assert [attributes["name"] for _, attributes, _ in layers] == [f"{CASES[0]}_0000 (T2)", f"{CASES[0]}_0001 (ADC)"]
+    assert [attributes["metadata"]["channel"] for _, attributes, _ in layers] == [0, 1]
+    for channel, (data, attributes, kind) in zip(("0000", "0001"), layers):
+        original = read_volume(files / "imagesTr" / f"{CASES[0]}_{channel}.nii.gz")
+        assert kind == "image" and geometry_from(attributes["metadata"], data.shape).matches(original.geometry)
+        np.testing.assert_allclose(data, original.array, rtol=1e-6)
 
     three = sitk.JoinSeries([sitk.Cast(sitk.ReadImage(str(files / "imagesTr" / f"{CASES[1]}_0000.nii.gz")), sitk.sitkFloat32)] * 3)
     sitk.WriteImage(three, str(root / "imagesTr" / f"{CASES[1]}.nii.gz"))

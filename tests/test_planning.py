@@ -20,7 +20,7 @@ from semiseg.io import read_volume
 from semiseg.methods import build_method
 from semiseg.methods.base import NetworkSpec, StepInfo
 from semiseg.models import load_model
-from semiseg.networks import build_network, pooling_options
+from semiseg.networks import build_network, pooling_options, size_multiple
 from semiseg.preprocessing import compute_plan
 from semiseg.training import TrainConfig, train
 
@@ -102,6 +102,24 @@ def test_the_residual_unet_takes_the_plans_strides_and_kernels():
     json.dumps({"strides": strides, "kernel_sizes": kernels})  # the options a checkpoint records are JSON
 
 
+@pytest.mark.parametrize("name, options", [("unet", {"features": [4, 8, 16, 32, 64, 8]}),
+                                           ("uxnet", {"base_filters": 4, "depths": [1, 1, 1, 1]})])
+def test_monais_unet_and_the_uxnet_take_the_plans_strides(name, options):
+    strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    network = build_network(name, 1, 3, **options, **pooling_options(name, strides, []))
+    assert network.reduction == [8, 16, 16] and size_multiple(network) == 8
+    with torch.no_grad():
+        assert network(torch.zeros(1, 1, 8, 32, 32)).shape == (1, 3, 8, 32, 32)
+    # Strides of 2 everywhere build the network as before: same weights, same output.
+    torch.manual_seed(0)
+    before = build_network(name, 1, 3, **options).eval()
+    same = build_network(name, 1, 3, **options, strides=[[2, 2, 2]] * 4).eval()
+    same.load_state_dict(before.state_dict())
+    image = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(same(image), before(image))
+
+
 def test_every_method_on_a_pooling_network_trains_on_a_thick_slice_patch(one_thread):
     """An (8, 32, 32) patch, z pooled 3 times: each method's networks (the spectral encoder of sscl,
     the second subnet of dual-subnet included) pool as the plan says; a second subnet that cannot is refused."""
@@ -110,11 +128,14 @@ def test_every_method_on_a_pooling_network_trains_on_a_thick_slice_patch(one_thr
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(2, 1, 8, 32, 32, generator=generator)
     label = torch.randint(0, 3, (2, 1, 8, 32, 32), generator=generator)
-    for name in ("supervised", "mean-teacher", "cps", "sscl", "dual-subnet", "voxel-adversarial", "bcp", "3d-cps"):
-        network = "residual-unet" if name == "3d-cps" else "vnet"
-        method = build_method(name, 1, 3, NetworkSpec(network, {"base_filters": 4, **pooling_options(network, strides, kernels)}))
+    tiny_kmax = {"queries": 6, "query_dim": 16, "ffn_dim": 32, "heads": 2, "layers_per_scale": 1}
+    for name in ("supervised", "mean-teacher", "cps", "sscl", "dual-subnet", "voxel-adversarial", "bcp", "3d-cps", "dk-uxnet"):
+        network = {"3d-cps": "residual-unet", "dk-uxnet": "uxnet"}.get(name, "vnet")
+        method = build_method(name, 1, 3, NetworkSpec(network, {"base_filters": 4, **pooling_options(network, strides, kernels)}),
+                              tiny_kmax if name == "dk-uxnet" else None)
         losses = method.training_step({"image": image, "label": label, "image_strong": image},
                                       {"image": -image, "image_strong": -image}, StepInfo(60, 100))
         assert all(torch.isfinite(v) for v in losses.values()), name
-    with pytest.raises(InputError, match="second_network 'unet' cannot pool per axis"):
-        build_method("dual-subnet", 1, 3, NetworkSpec("vnet", {"strides": strides}), {"second_network": "unet"})
+    with pytest.raises(InputError, match="second_network 'resnet' cannot pool per axis"):  # its own strides fix its topology
+        build_method("dual-subnet", 1, 3, NetworkSpec("vnet", {"strides": strides}),
+                     {"second_network": "resnet", "second_network_options": {"strides": [[2, 2, 2]] * 4}})

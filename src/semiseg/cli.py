@@ -337,33 +337,19 @@ def _finetune(args: argparse.Namespace) -> int:
 def _predict_inputs(path: Path, channels: int) -> list[list[Path]]:
     """Each scan to predict as its files: one, or for a model of several channels one per channel
     (case_0000, case_0001, ... as in training; a 4D NIfTI is one file)."""
-    from semiseg.datasets import files_by_case
+    from semiseg.datasets import channel_files, files_by_case
     from semiseg.io import is_dicom_folder, volume_suffix
 
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file() or is_dicom_folder(path):
-        return [_channel_files(path) if channels > 1 else [path]]
+        return [channel_files(path) if channels > 1 else [path]]
     inputs = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and ((p.is_file() and volume_suffix(p)) or is_dicom_folder(p))]
     if not inputs:
         raise InputError(f"{path}: no volumes found in this folder")
     if channels > 1:
         return [files for _, files in sorted(files_by_case(inputs, path).items())]
     return [[p] for p in inputs]
-
-
-def _channel_files(first: Path) -> list[Path]:
-    """A scan's channel files from its first one (case_0000.nii.gz -> case_0001.nii.gz, ... beside it)."""
-    from semiseg.io import strip_suffix
-
-    stem = strip_suffix(first)
-    if not stem.endswith("_0000"):
-        return [first]
-    suffix = first.name[len(stem):]
-    files = [first]
-    while (following := first.with_name(f"{stem[:-5]}_{len(files):04d}{suffix}")).exists():
-        files.append(following)
-    return files
 
 
 def _scan_name(files: list[Path], channels: int) -> str:

@@ -307,6 +307,26 @@ def case_id_of(path: str | os.PathLike) -> str:
     return path.parent.name if path.name == LA_FILE else _case_id(path)[0]
 
 
+def channel_files(first: str | os.PathLike) -> list[Path]:
+    """A scan's channel files from its first one (case_0000.nii.gz -> case_0001.nii.gz, ... beside it)."""
+    first = Path(first)
+    stem = strip_suffix(first)
+    if not stem.endswith("_0000"):
+        return [first]
+    suffix = first.name[len(stem):]
+    files = [first]
+    while (following := first.with_name(f"{stem[:-5]}_{len(files):04d}{suffix}")).exists():
+        files.append(following)
+    return files
+
+
+def case_of_files(image: str | os.PathLike, label: str | os.PathLike | None = None) -> Case:
+    """A case given by its files: the scan (its first channel's file brings the channel files beside it)
+    and its label map."""
+    more = tuple(str(path) for path in channel_files(image)[1:])
+    return Case(case_id_of(label or image), str(image), None if label is None else str(label), more)
+
+
 def channel_names_in(root: str | os.PathLike) -> tuple[str, ...]:
     """The channel names of dataset.json (nnU-Net v2 `channel_names`, MSD `modality`: {"0": "T2",
     "1": "ADC"}) in channel order, "CT" spelt as such; () when it names none."""
@@ -456,7 +476,7 @@ def _register(dataset: Dataset, entry: str | list[str] | tuple[str, str]) -> str
         raise InputError(f"case {entry!r}: give a case id, an image path or an [image, label] pair")
     if not Path(image).exists():
         raise InputError(f"{image}: no such case id in {dataset.root} and no such file")
-    case = Case(case_id_of(label or image), image, label)
+    case = case_of_files(image, label)
     known = by_id.get(case.case_id)
     if known is None:
         dataset.cases.append(case)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from semiseg.config import CaseEntry, TrainConfig
-from semiseg.datasets import Case, case_id_of, load_dataset, same_file
+from semiseg.datasets import Case, case_id_of, case_of_files, load_dataset, same_file
 from semiseg.devices import resolve_device
 from semiseg.errors import InputError, OutputExistsError, SemisegError
 from semiseg.io import Volume, is_dicom_folder, volume_suffix, write_volume
@@ -256,7 +256,7 @@ def case_dice(checkpoint: str | os.PathLike, cases: list[tuple[str, str]], devic
     scores = []
     with torch.no_grad():
         for image_path, label_path in cases:
-            image, label = read_case(Case(case_id_of(label_path), str(image_path), str(label_path)))
+            image, label = read_case(case_of_files(image_path, label_path))
             predicted = predict_volume(image, model.plan, model.predictors(), target, model.overlap,
                                        window_scale=model.window_scale).labels.array
             per_class = case_metrics(predicted, label.array, classes, ignore_label=model.plan.ignore_label)

@@ -452,6 +452,10 @@ def check_same_grid(image: Volume, label: Volume, label_name: str) -> None:
 
 def _image_for_writing(volume: Volume, path: Path) -> sitk.Image:
     array = np.asarray(volume.array)
+    if array.ndim == 4 and array.shape[0] > 1:  # channels: a 4D NIfTI, as read_scan reads it
+        if volume_suffix(path) not in (".nii", ".nii.gz"):
+            raise InputError(f"{path}: a scan of {array.shape[0]} channels is written as a 4D NIfTI (.nii.gz)")
+        return sitk.JoinSeries([_image_for_writing(volume.channel(c), path) for c in range(array.shape[0])])
     if array.ndim != 3 or 0 in array.shape:
         raise InputError(f"{path}: can only write a non-empty 3D array, got shape {array.shape}")
     if array.dtype == np.bool_:
@@ -490,7 +494,8 @@ def _new_temporary(path: Path, suffix: str) -> Path:
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write atomically (temporary file, fsync, rename) so a crash never leaves a partial file.
 
-    A boolean mask is written as uint8 and float16 as float32; other dtypes are kept.
+    A boolean mask is written as uint8 and float16 as float32; other dtypes are kept. A scan of
+    several channels is written as a 4D NIfTI (channels on the 4th axis).
     """
     path = Path(path)
     suffix = volume_suffix(path)

@@ -482,12 +482,14 @@ def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, c
     assert widget.buttons.start.isEnabled()
 
 
-def test_segment_takes_one_layer_per_channel_of_a_two_channel_model(make_napari_viewer, qtbot, tmp_path, messages, one_thread):
+def test_a_two_channel_model_through_segment_finetune_and_review(make_napari_viewer, qtbot, tmp_path, messages, one_thread):
     """A model of two channels (T2 + a derived 'ADC', multichannel_data.py): Segment asks for the ADC layer,
-    preselects it by its nnU-Net suffix, and predicts what the engine predicts from the two files."""
+    preselects it by its nnU-Net suffix, and predicts what the engine predicts from the two files; a 4D NIfTI of
+    the two opens as two layers that fill both rows; Fine-tune trains on both channels; the review queue lists
+    one entry per case and opens each with its channels."""
     import torch
 
-    from multichannel_data import CASES, two_channel_folder
+    from multichannel_data import CASES, two_channel_folder, write_4d
     from semiseg.inference import predict_volume
     from semiseg.io import read_scan
     from semiseg.training import TrainConfig, train
@@ -501,19 +503,77 @@ def test_segment_takes_one_layer_per_channel_of_a_two_channel_model(make_napari_
     t2 = viewer.open(str(files[0]), plugin=PLUGIN)[0]
     widget = segment_widget(viewer, best)
     widget.image.set_layer(t2)
-    assert [name for name, _ in widget.channels] == ["ADC"]
+    assert [name for name, _ in widget.channels.rows] == ["ADC"]
     click(qtbot, widget.buttons.start)
     assert "choose the layer of its 'ADC' channel" in messages["error"][-1]
 
     adc = viewer.open(str(files[1]), plugin=PLUGIN)[0]
     widget.image.set_layer(t2)  # opening the ADC made it the active layer, which the scan choice follows
-    assert widget.channels[0][1].layer() is adc  # preselected by its _0001 suffix
+    assert widget.channels.rows[0][1].layer() is adc  # preselected by its _0001 suffix
     click(qtbot, widget.buttons.start)
     wait_job(qtbot, widget)
     assert "done in" in widget.buttons.status.text(), widget.buttons.status.text()
     model = load_model(best)
     expected = predict_volume(read_scan(files), model.plan, model.predictors(), torch.device("cpu")).labels.array
     np.testing.assert_array_equal(np.asarray(widget.prediction.data), expected)
+
+    # The same scan as one 4D NIfTI opens as one layer per channel; the last one opened (the active layer,
+    # channel 1) gives way to channel 0 as the scan, and its sibling fills the ADC row.
+    write_4d(*files, tmp_path / "stacked.nii.gz")
+    channel_layers = viewer.open(str(tmp_path / "stacked.nii.gz"), plugin=PLUGIN)
+    assert [layer.name for layer in channel_layers] == ["stacked_0000", "stacked_0001"]
+    assert widget.image.layer() is channel_layers[0] and widget.channels.rows[0][1].layer() is channel_layers[1]
+    click(qtbot, widget.buttons.start)
+    wait_job(qtbot, widget)
+    assert "done in" in widget.buttons.status.text(), widget.buttons.status.text()
+    np.testing.assert_array_equal(np.asarray(viewer.layers["stacked_0000 prediction"].data), expected)
+    widget.channels.rows[0][1].set_layer(channel_layers[0])  # the file's T2 in the ADC row: refused, not segmented
+    click(qtbot, widget.buttons.start)
+    assert "'stacked_0000' is channel 0 of its file, chosen as this model's channel 1 ('ADC')" in messages["error"][-1]
+
+    # Fine-tune on a correction of that scan: both channels go to the trainer, as one 4D NIfTI copy.
+    from semiseg.napari.widgets.finetune import FineTuneWidget
+
+    correction = viewer.add_labels(read_volume(root / "labelsTr" / f"{CASES[2]}.nii.gz").array, name="correction",
+                                   affine=channel_layers[0].affine)
+    finetune = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(finetune, name="Fine-tune")
+    finetune.labels.set_layer(correction)
+    finetune.image.set_layer(channel_layers[1])  # the ADC layer: gives way to the file's first channel
+    assert finetune.image.layer() is channel_layers[0] and finetune.channels.rows[0][1].layer() is channel_layers[1]
+    finetune.folder.set_text(str(root))
+    finetune.iterations.setValue(3)
+    finetune.device.combo.setCurrentText("cpu")
+    finetune.output.set_text(str(tmp_path / "fine-tuning"))
+    errors = len(messages["error"])
+    click(qtbot, finetune.buttons.start)
+    qtbot.waitUntil(lambda: finetune.job is not None and not finetune.job.running, timeout=150_000)
+    assert messages["error"][errors:] == [], messages
+    copies = list((tmp_path / "fine-tuning" / "corrections").glob("stacked_0000_image*.nii.gz"))
+    assert len(copies) == 1
+    np.testing.assert_allclose(read_scan(copies[0]).array, read_scan(files).array, rtol=1e-6)
+    new = finetune.new_checkpoint
+    assert new and load_model(new).record.iteration == 3 and load_model(new).plan.channel_names == ("T2", "ADC")
+    assert viewer.layers["stacked_0000 prediction"].metadata["checkpoint"] == new
+
+    # The review queue of a folder of channel files: one entry per case, opened with all its channels.
+    from semiseg.napari.widgets.review import ReviewWidget
+
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    assert review.model.path() == new
+    review.device.combo.setCurrentText("cpu")
+    review.folder.set_text(str(root / "imagesTr"))
+    click(qtbot, review.buttons.start)
+    wait_job(qtbot, review)
+    entries = review.queue.entries
+    assert sorted(e.name for e in entries) == sorted(CASES[:3]) and all(e.score is not None for e in entries), entries
+    click(qtbot, review.open_next)
+    opened = entries[0].name
+    assert isinstance(viewer.layers[f"{opened}_0000"], Image) and isinstance(viewer.layers[f"{opened}_0001"], Image)
+    scan_files = [root / "imagesTr" / f"{opened}_{channel}.nii.gz" for channel in ("0000", "0001")]
+    expected = predict_volume(read_scan(scan_files), load_model(new).plan, load_model(new).predictors(), torch.device("cpu")).labels.array
+    np.testing.assert_array_equal(np.asarray(viewer.layers[f"{opened}_0000 prediction"].data), expected)
 
 
 # Fine-tune --------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from semiseg.errors import InputError
 from semiseg.labels import IGNORE_INDEX
 from semiseg.methods.base import Batch, Method, OptimizerSpec, StepInfo
-from semiseg.networks import size_multiple
+from semiseg.networks import size_multiples
 from semiseg.networks.kmax import KMaXDecoder, aggregate_classes
 from semiseg.networks.uxnet import pad_to_multiple
 
@@ -173,7 +173,7 @@ class DKUXNet(Method):
         *spatial)) of images of any size."""
         backbone = self.networks["backbone"]
         depth, height, width = images.shape[2:]
-        features = backbone.encode(pad_to_multiple(images, size_multiple(backbone)))
+        features = backbone.encode(pad_to_multiple(images, size_multiples(backbone)))
         semantic_logits, embedding = backbone.decode(features, return_embedding=True)
         mask_logits, class_logits = self.networks["kmax"](features[:-4:-1], embedding)
         with torch.autocast(images.device.type, enabled=False):

@@ -3,16 +3,19 @@
 A scan opens as an Image layer placed physically (napari's `affine` = spacing × direction, origin,
 z y x: world coordinates are ITK's physical LPS coordinates), with its full geometry and source path in `layer.metadata`; a label file (a file in a folder named
 labels*, a `_seg`/`_label`/`_mask` name, or whole-number data with few distinct values) opens as a
-Labels layer on the same grid. An LA h5 file gives both its `image` and its `label`.
+Labels layer on the same grid. An LA h5 file gives both its `image` and its `label`. A 4D NIfTI of
+several channels (MSD BrainTumour, Prostate) gives one image layer per channel, named with nnU-Net's
+channel suffix (`case_0000`, `case_0001`, ...) and its channel index in `layer.metadata["channel"]`,
+so that Segment finds each channel of a model of several.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from semiseg.datasets import LA_CLASS_NAMES, class_names_near, image_for_label
-from semiseg.errors import SemisegError
-from semiseg.io import is_dicom_folder, read_volume, strip_suffix, volume_suffix
+from semiseg.datasets import LA_CLASS_NAMES, channel_names_in, class_names_near, image_for_label
+from semiseg.errors import InputError, SemisegError
+from semiseg.io import Volume, is_dicom_folder, read_scan, read_volume, strip_suffix, volume_suffix
 from semiseg.napari.layers import jsonable_names, looks_like_labels, volume_layer_data
 from semiseg.napari.windows import CT_WINDOWS, DEFAULT_CT_WINDOW
 
@@ -104,7 +107,9 @@ def read_layers(path: str | Path) -> list[tuple]:
             layers.append(volume_layer_data(label, f"{layers[0][1]['name']} label", "labels", str(path), image_path=str(path),
                                             class_names=jsonable_names(LA_CLASS_NAMES)))
         return layers
-    volume = read_volume(path)
+    volume = read_scan(path)
+    if volume.channels > 1:
+        return channel_layers(volume, name, path)
     if looks_like_labels(path, volume.array):
         names = class_names_near(path)
         image = image_for_label(path)
@@ -113,3 +118,24 @@ def read_layers(path: str | Path) -> list[tuple]:
                                   image_path=image_path)]
     return [volume_layer_data(volume, name, "image", str(path))]
 
+
+
+def channel_layers(volume: Volume, name: str, path: Path) -> list[tuple]:
+    """One image layer per channel of a scan, named by nnU-Net's suffix and, when the dataset.json
+    beside the file (or one folder up) names as many channels, by the channel's name."""
+    names: tuple[str, ...] = ()
+    for folder in (path.parent, path.parent.parent):
+        try:
+            names = channel_names_in(folder)
+        except InputError:  # an unreadable dataset.json: the suffixes still say which channel is which
+            names = ()
+        if names:
+            break
+    if len(names) != volume.channels:
+        names = ()
+    layers = []
+    for index in range(volume.channels):
+        label = f"{name}_{index:04d}" + (f" ({names[index]})" if names else "")
+        layers.append(volume_layer_data(volume.channel(index), label, "image", str(path), channel=index,
+                                        channel_name=names[index] if names else None))
+    return layers

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from semiseg.datasets import case_id_of, channel_files, files_by_case
 from semiseg.errors import InputError, SemisegError
-from semiseg.io import is_dicom_folder, read_volume, strip_suffix, volume_suffix, write_volume
+from semiseg.io import Volume, is_dicom_folder, read_scan, read_volume, strip_suffix, volume_suffix, write_volume
 from semiseg.preprocessing import cache_root
 
 
@@ -29,7 +30,9 @@ class QueueEntry:
     reviewed: bool = False
 
 
-def list_scans(folder: str | os.PathLike) -> list[Path]:
+def list_scans(folder: str | os.PathLike, channels: int = 1) -> list[Path]:
+    """The folder's scans; for a model of several channels, one per case: its first channel's file
+    (case_0000, whose case_0001, ... come with it) or a 4D NIfTI."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (choose a folder of scans)")
@@ -42,7 +45,14 @@ def list_scans(folder: str | os.PathLike) -> list[Path]:
     scans = files + [p for p in entries if p.is_dir() and might_be_dicom_folder(p) and is_dicom_folder(p)]
     if not scans:
         raise InputError(f"{folder}: no scans found (volume files or DICOM series folders)")
+    if channels > 1:
+        return sorted(files[0] for files in files_by_case(scans, folder).values())
     return sorted(scans)
+
+
+def read_entry_scan(scan: str | os.PathLike, channels: int) -> Volume:
+    """A queue entry's scan with all its channels, for a model of `channels`."""
+    return read_scan(channel_files(scan)) if channels > 1 else read_volume(scan)
 
 
 class ReviewQueue:
@@ -80,8 +90,10 @@ class ReviewQueue:
         report = progress or (lambda event: None)
         should_stop = should_stop or (lambda: False)
         known = {e.scan: e for e in self.entries}
-        scans = list_scans(self.folder)
-        entries = [known.get(str(p)) or QueueEntry(str(p), strip_suffix(p) if p.is_file() else p.name) for p in scans]
+        channels = model.plan.in_channels
+        scans = list_scans(self.folder, channels)
+        entries = [known.get(str(p)) or QueueEntry(str(p), (case_id_of(p) if channels > 1 else strip_suffix(p)) if p.is_file() else p.name)
+                   for p in scans]
         self.cache.mkdir(parents=True, exist_ok=True)
         for index, entry in enumerate(entries):
             done = entry.score is not None and entry.labels and Path(entry.labels).is_file()
@@ -93,7 +105,7 @@ class ReviewQueue:
                 report({"fraction": fraction, "text": f"{entry.name} ({index + 1}/{len(entries)}): {event.get('text', '')}"})
 
             try:
-                volume = read_volume(entry.scan)
+                volume = read_entry_scan(entry.scan, channels)
                 result = predict(volume, model, device, self.tta, progress=scan_progress, should_stop=should_stop)
             except SemisegError as error:
                 entry.error = " ".join(str(error).split())

@@ -57,7 +57,8 @@ def build_network(name: str, in_channels: int, out_channels: int, **options: Any
 
 
 # Networks that take a plan's per-axis pooling, and the options that give it to them.
-_POOLING_OPTIONS = {"vnet": ("strides",), "resnet": ("strides",), "residual-unet": ("strides", "kernel_sizes"),
+_POOLING_OPTIONS = {"vnet": ("strides",), "resnet": ("strides",), "unet": ("strides",), "uxnet": ("strides",),
+                    "residual-unet": ("strides", "kernel_sizes"),
                     "plain-unet": ("strides", "kernel_sizes")}
 _TOPOLOGY_OPTIONS = {"strides", "kernel_sizes", "patch_size", "downsamplings"}
 
@@ -77,3 +78,8 @@ def pooling_options(name: str, strides, kernel_sizes) -> dict[str, Any]:
 def size_multiple(network: nn.Module) -> int:
     """Patch sides must be multiples of this (2 ** number of downsamplings)."""
     return 2 ** getattr(network, "downsamplings", 4)
+
+
+def size_multiples(network: nn.Module) -> list[int]:
+    """What each (z, y, x) side must be a multiple of: its pooling (with per-axis strides), else size_multiple."""
+    return list(getattr(network, "reduction", [size_multiple(network)] * 3))

@@ -14,12 +14,14 @@ authors' code. The layout follows the paper and its released code:
   block (the embedding) and a 1x1x1 head.
 
 `base_filters` is the paper's feature size (48); 8 trains on a CPU. Instance normalisation in the
-conv blocks, as in the paper's code. Inputs whose sides are not multiples of 16 are zero-padded at
-the far end and the logits cropped back (`forward` only: `encode`/`decode` take multiples of 16).
+conv blocks, as in the paper's code. Inputs whose sides are not multiples of 16 (of each axis's
+pooling, with per-axis `strides`) are zero-padded at the far end and the logits cropped back
+(`forward` only: `encode`/`decode` take such multiples).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,12 +30,16 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
+from semiseg.networks.vnet import checked_strides
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the far end of each spatial side of (B, C, D, H, W) up to a multiple of `multiple`."""
+
+def pad_to_multiple(x: torch.Tensor, multiple: int | Sequence[int]) -> torch.Tensor:
+    """Zero-pad the far end of each spatial side of (B, C, D, H, W) up to a multiple of `multiple`
+    (one for every axis, or one per (z, y, x) axis)."""
+    multiples = [multiple] * 3 if isinstance(multiple, int) else list(multiple)
     padding: list[int] = []
-    for size in reversed(x.shape[2:]):
-        padding += [0, -size % multiple]
+    for size, each in zip(reversed(x.shape[2:]), reversed(multiples)):
+        padding += [0, -size % each]
     return F.pad(x, padding) if any(padding) else x
 
 
@@ -60,9 +66,9 @@ class UXBlock(nn.Module):
 
 
 class UXNet(nn.Module):
-    """3D UX-Net; `encode` gives five features (full resolution to 1/16), `decode` the logits."""
-
-    downsamplings = 4
+    """3D UX-Net; `encode` gives five features (full resolution to 1/16), `decode` the logits.
+    `strides`: the (z, y, x) stride of the stem and of each downsampling (the plan's per-axis pooling;
+    default 2 on every axis), undone by the up-blocks' transposed convolutions."""
 
     def __init__(
         self,
@@ -71,27 +77,31 @@ class UXNet(nn.Module):
         base_filters: int = 48,
         depths: Sequence[int] = (2, 2, 2, 2),
         kernel_size: int = 7,
+        strides: list[list[int]] | None = None,
     ):
         super().__init__()
+        self.strides = checked_strides(strides)
+        self.reduction = [math.prod(s[axis] for s in self.strides) for axis in range(3)]
+        self.downsamplings = min(int(math.log2(r)) for r in self.reduction)
         widths = [base_filters * 2**level for level in range(5)]  # stages use the first four
         self.encoder_widths = widths
         self.embedding_width = base_filters
-        stem = nn.Sequential(nn.Conv3d(in_channels, widths[0], 7, stride=2, padding=3), ChannelLayerNorm(widths[0], eps=1e-6))
-        self.downsample = nn.ModuleList(
-            [stem] + [nn.Sequential(ChannelLayerNorm(widths[i], eps=1e-6), nn.Conv3d(widths[i], widths[i + 1], 2, stride=2)) for i in range(3)]
-        )
+        stem = nn.Sequential(nn.Conv3d(in_channels, widths[0], 7, stride=self.strides[0], padding=3), ChannelLayerNorm(widths[0], eps=1e-6))
+        self.downsample = nn.ModuleList([stem] + [
+            nn.Sequential(ChannelLayerNorm(widths[i], eps=1e-6), nn.Conv3d(widths[i], widths[i + 1], self.strides[i + 1], stride=self.strides[i + 1]))
+            for i in range(3)])
         self.stages = nn.ModuleList(nn.Sequential(*(UXBlock(widths[i], kernel_size) for _ in range(depths[i]))) for i in range(4))
         self.stage_norms = nn.ModuleList(ChannelLayerNorm(widths[i], eps=1e-6) for i in range(4))
 
         def basic(cin: int, cout: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name="instance", res_block=True)
 
-        def up(cin: int, cout: int) -> UnetrUpBlock:
-            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True)
+        def up(cin: int, cout: int, stride: Sequence[int]) -> UnetrUpBlock:
+            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=stride, norm_name="instance", res_block=True)
 
         # skips[0] sees the image, skips[i] the output of stage i - 1 (widened from widths[i - 1] to widths[i])
         self.skips = nn.ModuleList([basic(in_channels, widths[0])] + [basic(widths[i], widths[i + 1]) for i in range(4)])
-        self.up = nn.ModuleList(up(widths[level + 1], widths[level]) for level in reversed(range(4)))
+        self.up = nn.ModuleList(up(widths[level + 1], widths[level], self.strides[level]) for level in reversed(range(4)))
         self.last = basic(base_filters, base_filters)
         self.head = UnetOutBlock(3, base_filters, out_channels)
 
@@ -115,4 +125,4 @@ class UXNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         depth, height, width = x.shape[2:]
-        return self.decode(self.encode(pad_to_multiple(x, 2**self.downsamplings)))[..., :depth, :height, :width]
+        return self.decode(self.encode(pad_to_multiple(x, self.reduction)))[..., :depth, :height, :width]

@@ -18,6 +18,7 @@ from semiseg.io import Volume
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.layers import labels_array, volume_from_layer
 from semiseg.napari.session import session_for
+from semiseg.napari.widgets.channels import ChannelRows
 from semiseg.napari.widgets.common import (
     DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later, method_choice,
 )
@@ -108,6 +109,7 @@ class FineTuneWidget(QWidget):
         rows.addRow("Learning rate", self.lr)
         rows.addRow("Device", self.device)
         rows.addRow("Output", self.output)
+        self.channels = ChannelRows(napari_viewer, rows, self.image, self.model)  # a model of several channels
         self.volumes = VolumeTable()
         self.buttons = JobButtons("Fine-tune on this correction")
         self.view = TrainingView(self.buttons, "fine-tuning")
@@ -127,6 +129,9 @@ class FineTuneWidget(QWidget):
         self.volume_timer = later(self, self.show_volumes)
         self.labels.currentIndexChanged.connect(self._labels_chosen)
         self.image.currentIndexChanged.connect(lambda index: self.volume_timer.start())
+        self.image.currentIndexChanged.connect(self.channels.preselect)
+        self.session.checkpoint_changed.connect(self.channels.model_chosen)
+        self.channels.model_chosen()
         self._preselect_correction()
         self._labels_chosen()
         self.session.labels_painted.connect(self._painted)
@@ -184,7 +189,7 @@ class FineTuneWidget(QWidget):
                 raise InputError("choose an output folder")
             self.device.device()
             check_unlabeled_folder(self.folder.text())
-            volume = volume_from_layer(image)
+            volume = self.channels.volume(image)
             correction = volume_from_layer(labels, copy=True)
             if correction.shape != volume.shape:
                 raise InputError(f"'{labels.name}' has shape {correction.shape}, the scan {volume.shape}; choose the scan's labels")
@@ -197,7 +202,7 @@ class FineTuneWidget(QWidget):
             correction_volume = Volume(labels_array(correction.array, labels.name), volume.geometry)
             self.correction_path = save_correction(correction_volume, output, image.name)
             labels.metadata = {**labels.metadata, "correction_file": str(self.correction_path)}
-            image_path = image_on_disk(volume, image.metadata.get("source_path"), output, image.name)
+            image_path = image_on_disk(volume, self.channels.source_path(image), output, image.name)
             run_dir = output / f"{image.name}-{Path(checkpoint).name}-{stamp()}"
             config = finetune_config(FineTuneRequest(
                 checkpoint=str(checkpoint), folder=str(Path(self.folder.text()).expanduser()), output=str(run_dir),
@@ -210,7 +215,7 @@ class FineTuneWidget(QWidget):
         except OSError as error:
             show_error(f"semiseg: {error.filename or ''} {error.strerror or error}")
             return
-        self.state = {"image": image, "labels": labels, "checkpoint": checkpoint, "device": self.device.device(),
+        self.state = {"image": image, "volume": volume, "labels": labels, "checkpoint": checkpoint, "device": self.device.device(),
                       "device_name": self.device.name(), "folder": str(Path(self.folder.text()).expanduser())}
         self.new_checkpoint = None
         self.guard.setVisible(False)
@@ -319,12 +324,7 @@ class FineTuneWidget(QWidget):
             self.buttons.busy(False)
             self.buttons.status.setText(f"fine-tuned: {self.new_checkpoint} (the scan's layer was closed, so no new prediction)")
             return
-        try:
-            volume = volume_from_layer(image)
-        except SemisegError as error:
-            self.buttons.busy(False)
-            show_error(f"semiseg: {one_line(error)}")
-            return
+        volume = self.state["volume"]  # the scan (all its channels) the correction was made on
         self.buttons.status.setText("fine-tuned; predicting the scan again…")
         self.buttons.set_fraction(0.0)
         self.job = ThreadJob(f"semiseg: re-predicting {image.name}",

@@ -74,8 +74,9 @@ class ReviewWidget(QWidget):
                 raise InputError("choose a folder of scans")
             if not checkpoint:
                 raise InputError("choose a model first (Train, or Browse…)")
-            list_scans(folder)
-            queue = ReviewQueue(Path(folder).expanduser(), checkpoint, read_record(checkpoint).weights_sha256)
+            record = read_record(checkpoint)
+            list_scans(folder, record.plan.in_channels)
+            queue = ReviewQueue(Path(folder).expanduser(), checkpoint, record.weights_sha256)
         except SemisegError as error:
             show_error(f"semiseg: {one_line(error)}")
             return
@@ -156,6 +157,7 @@ class ReviewWidget(QWidget):
         return self.open_entry(entry)
 
     def open_entry(self, entry):
+        from semiseg.datasets import channel_files
         from semiseg.io import read_volume
         from semiseg.napari._reader import read_layers
 
@@ -163,14 +165,16 @@ class ReviewWidget(QWidget):
             show_error(f"semiseg: {entry.name} has no prediction ({entry.error or 'not ranked yet'})")
             return None
         try:
-            data, attributes, _ = read_layers(entry.scan)[0]
+            record = read_record_or_none(self.queue.checkpoint)
+            files = channel_files(entry.scan) if record is not None and record.plan.in_channels > 1 else [entry.scan]
+            channels = [layer for path in files for layer in read_layers(path)]  # a 4D NIfTI gives a layer per channel
             labels = read_volume(entry.labels)
             entropy = read_volume(entry.entropy) if entry.entropy else None
         except SemisegError as error:
             show_error(f"semiseg: {one_line(error)}")
             return None
-        image = self.viewer.add_image(data, **attributes)
-        record = read_record_or_none(self.queue.checkpoint)
+        added = [self.viewer.add_image(data, **attributes) for data, attributes, _ in channels]
+        image = added[0]
         model = {"checkpoint": self.queue.checkpoint, "checkpoint_sha256": record and record.weights_sha256, "method": record and record.method}
         layers = show_prediction(self.viewer, image, labels, record.class_names if record is not None else {}, entry.score, model,
                                  [("entropy", entropy)] if entropy is not None else [])

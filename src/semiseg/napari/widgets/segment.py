@@ -13,12 +13,11 @@ from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QHeaderView,
 
 from semiseg.compatibility import mismatch_warnings
 from semiseg.errors import InputError, SemisegError
-from semiseg.io import Volume, stack_channels
 from semiseg.models import read_record
 from semiseg.napari import jobs
-from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.layers import ERROR_COLORS, ERROR_NAMES, format_metric, names_from_metadata, volume_from_layer
 from semiseg.napari.session import session_for
+from semiseg.napari.widgets.channels import ChannelRows
 from semiseg.napari.widgets.common import DevicePicker, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later
 from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels, volume_columns
 from semiseg.napari.widgets.formatting import duration, one_line, score_note
@@ -53,7 +52,6 @@ class SegmentWidget(QWidget):
         rows.addRow("Scan", self.image)
         rows.addRow("Window", self.window)
         self.form = rows
-        self.channels: list[tuple[str, LayerChoice]] = []  # a model of several channels: the layer of each after the first
         rows.addRow("Model", self.model)
         rows.addRow("Device", self.device)
         rows.addRow("", self.tta)
@@ -85,10 +83,11 @@ class SegmentWidget(QWidget):
         self.buttons.start.clicked.connect(self.run)
         self.buttons.cancel.clicked.connect(self.cancel)
         self.window.textActivated.connect(self.apply_window)
+        self.channels = ChannelRows(napari_viewer, rows, self.image, self.model)  # a model of several channels
         self.image.currentIndexChanged.connect(self._scan_chosen)
         self._scan_chosen()
-        self.session.checkpoint_changed.connect(self._model_chosen)
-        self._model_chosen()
+        self.session.checkpoint_changed.connect(self.channels.model_chosen)
+        self.channels.model_chosen()
         self.model.combo.currentIndexChanged.connect(self.show_estimate)
         self.device.combo.currentTextChanged.connect(self.show_estimate)
         self.tta.toggled.connect(self.show_estimate)
@@ -108,7 +107,7 @@ class SegmentWidget(QWidget):
             if not checkpoint:
                 raise InputError("choose a model first: train one (Train), or Browse… to a checkpoint folder")
             device = self.device.device()
-            volume = self.scan_volume(layer)
+            volume = self.channels.volume(layer)
             reference_layer = self.reference.layer()
             reference = None
             if reference_layer is not None:
@@ -132,47 +131,6 @@ class SegmentWidget(QWidget):
         self.job = ThreadJob(f"semiseg: segmenting {layer.name}", function,
                              lambda status, value: self._done(status, value, layer, clicked), self._progress)
         self.job.start()
-
-    def scan_volume(self, layer) -> Volume:
-        """The scan layer, stacked with the layers chosen for the model's other channels."""
-        if not self.channels:
-            return volume_from_layer(layer)
-        layers = [layer]
-        for name, choice in self.channels:
-            if choice.layer() is None:
-                raise InputError(f"this model takes {len(self.channels) + 1} channels: choose the layer of its '{name}' channel")
-            layers.append(choice.layer())
-        return stack_channels([volume_from_layer(each) for each in layers], [f"'{each.name}'" for each in layers])
-
-    def _model_chosen(self, *args) -> None:
-        """One layer choice per channel after the first, for a model of several channels (named by the model),
-        each preselecting a layer that carries the channel's name or nnU-Net's suffix for it."""
-        try:
-            for _, choice in self.channels:
-                self.form.removeRow(choice)
-        except RuntimeError:  # this widget is closed; the session outlives it
-            return
-        self.channels = []
-        record = read_record_or_none(self.model.path())
-        names = record.plan.channel_names if record is not None and record.plan.channel_names else ()
-        for index, name in enumerate(names[1:], start=1):
-            choice = LayerChoice(self.viewer, Image, none_text="choose…", accept=is_scan)
-            choice.setToolTip(f"The image layer holding this model's channel {index} ('{name}'), on the scan's grid")
-            self.form.insertRow(1 + index, f"{name} (ch. {index})", choice)
-            self.channels.append((name, choice))
-        self.form.labelForField(self.image).setText(f"Scan ({names[0]})" if names else "Scan")
-        self._preselect_channels()
-
-    def _preselect_channels(self) -> None:
-        """Fill each empty channel choice with a layer named for the channel (case_0001, or 'ADC' in its name)."""
-        scan = self.image.layer()
-        for index, (name, choice) in enumerate(self.channels, start=1):
-            if choice.layer() is not None:
-                continue
-            match = next((layer for layer in choice.layers() if layer is not scan
-                          and (layer.name.endswith(f"_{index:04d}") or name.lower() in layer.name.lower())), None)
-            if match is not None:
-                choice.set_layer(match)
 
     def cancel(self) -> None:
         if self.job is not None:
@@ -239,7 +197,7 @@ class SegmentWidget(QWidget):
     def _scan_chosen(self, *args) -> None:
         """Offer the CT windows for a CT only, showing the one the scan is displayed in."""
         self.show_estimate()
-        self._preselect_channels()
+        self.channels.preselect()
         scan = self.image.layer()
         ct = scan is not None and is_ct(scan.data, scan.metadata)
         self.form.setRowVisible(self.window, ct)
