@@ -9,13 +9,16 @@ after, so that its peak resident memory is its own and a busy machine slows both
 
 Datasets: the bundled model's 20 held-out hippocampus cases (with their labels: Dice of both modes),
 the 20x512x512 DICOM CT series and the 112x101x122 NIfTI CT of ../shared/data/samples (no reference: the
-share of voxels whose label changed). The LA test cases need an LA model this CPU machine has not
-trained; for them the script reports whether the two modes' windows differ at all (they do not when
+share of voxels whose label changed), and `la`: the 20 LA test.list cases with their labels, given a
+model trained on LA (`--checkpoint`, e.g. `semiseg benchmark la ... --out RUN` then RUN/seed-0/last);
+the script also reports for how many LA cases the two modes' windows differ at all (they do not when
 the body box is the whole volume and no axis holds two patches).
 
   python benchmarks/inference.py [--checkpoint resources/models/default] [--threads 1] [--repeats 2] [--before-src DIR/src]
+  python benchmarks/inference.py --datasets la --checkpoint RUN/seed-0/last
 
-Results: benchmarks/results/inference.json and inference.md.
+Results: benchmarks/results/inference.json and inference.md; a run replaces the rows of the datasets it
+ran and keeps the others (each row records its model and the machine's load).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def cases(dataset: str, checkpoint: str) -> list[tuple[str, str | None]]:
 
     if dataset == "hippocampus":
         return [(image, label) for image, label in held_out_cases(read_record(checkpoint)) or []]
+    if dataset == "la":
+        files = [next((LA / "2018LA_Seg_Training Set" / case).glob("*.h5")) for case in (LA / "test.list").read_text().split()]
+        return [(str(h5), str(h5)) for h5 in files]  # an LA h5 file holds the image and its label
     return [(str(SAMPLES / {"dicom-ct": "example_ct_dicom", "nifti-ct": "example_ct.nii.gz"}[dataset]), None)]
 
 
@@ -72,7 +78,8 @@ def child(args: argparse.Namespace) -> int:
             prediction = predict_volume(volume, model.plan, model.predictors(), torch.device("cpu"), model.overlap, **options)
         row = {"case": Path(image).name, "seconds": time.perf_counter() - started, "shape": list(volume.shape)}
         if label is not None:
-            metrics = case_metrics(prediction.labels.array, read_volume(label).array, [c for c in model.plan.class_names if c])
+            reference = read_volume(label, "label") if label.endswith(".h5") else read_volume(label)
+            metrics = case_metrics(prediction.labels.array, reference.array, [c for c in model.plan.class_names if c])
             row["dice"] = float(np.mean([m["dice"] for m in metrics.values()]))
         np.save(Path(args.labels_dir) / f"{args.dataset}-{args.mode}-{len(rows)}.npy", prediction.labels.array)
         rows.append(row)
@@ -127,10 +134,15 @@ def main() -> int:
 
     before_commit = subprocess.run(["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() \
         if args.before_src else None
-    results: dict = {"checkpoint": str(Path(args.checkpoint).resolve().relative_to(ROOT)) if Path(args.checkpoint).resolve().is_relative_to(ROOT)
-                     else args.checkpoint, "threads": args.threads, "repeats": args.repeats, "before_commit": before_commit,
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                     "load_before": os.getloadavg()[0], "datasets": {}}
+    run = {"checkpoint": str(Path(args.checkpoint).resolve().relative_to(ROOT)) if Path(args.checkpoint).resolve().is_relative_to(ROOT)
+           else args.checkpoint, "threads": args.threads, "repeats": args.repeats, "before_commit": before_commit,
+           "load_before": os.getloadavg()[0]}
+    path = RESULTS / "inference.json"
+    results = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
+    for earlier in results["datasets"].values():  # rows of a file from before rows recorded their own run
+        earlier.setdefault("run", {key: results.get(key) for key in ("checkpoint", "threads", "repeats", "before_commit", "load_before", "load_after")})
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+               "datasets": results["datasets"], **({"la_windows": results["la_windows"]} if "la_windows" in results else {})}
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in args.datasets:
             runs: dict[str, list[dict]] = {"before": [], "after": []}
@@ -153,37 +165,39 @@ def main() -> int:
             summary["shape"] = runs["before"][0]["rows"][0]["shape"]
             summary["voxels_changed"] = float(np.mean(differ))
             summary["speedup"] = summary["before"]["seconds_per_volume"] / summary["after"]["seconds_per_volume"]
+            summary["run"] = {**run, "load_after": os.getloadavg()[0]}
             results["datasets"][dataset] = summary
     if (LA / "test.list").exists():
         results["la_windows"] = la_windows()
-    results["load_after"] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
     return 0
 
 
 def render(results: dict) -> None:
     lines = ["# Inference before and after cropping to the body and larger windows", "",
-             f"Model `{results['checkpoint']}`; CPU, {results['threads']} torch thread(s), median of {results['repeats']} alternating "
-             f"runs per volume; {results['machine']}; load average {results['load_before']:.2f} before, {results['load_after']:.2f} after "
-             "(other work was running when it is above 0).", "",
-             "Before: windows of the training patch over the whole scan" + (f", run by the code of commit {results['before_commit']}"
-                                                                            if results.get("before_commit") else "")
-             + ". After: over the body box, windows of up to `Model.window_scale` patches per axis with the same overlap in "
-             "voxels. Reproduce: `python benchmarks/inference.py` (see its docstring).", "",
-             "| data | cases | shape (first) | s/volume before | s/volume after | speed-up | peak RSS MB before | after | Dice before | Dice after | voxels changed |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"CPU; {results['machine']}; per row its model, torch threads and the machine's load average before and after "
+             "(other work was running when it is above 0); median of the alternating runs per volume.", "",
+             "Before: windows of the training patch over the whole scan (with a commit: run by that commit's code). After: over "
+             "the body box, windows of up to `Model.window_scale` patches per axis with the same overlap in voxels. Reproduce: "
+             "`python benchmarks/inference.py` (see its docstring).", "",
+             "| data | model | cases | shape (first) | s/volume before | s/volume after | speed-up | peak RSS MB before | after | "
+             "Dice before | Dice after | voxels changed | threads, runs | load |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, data in results["datasets"].items():
-        before, after = data["before"], data["after"]
+        before, after, run = data["before"], data["after"], data["run"]
         dice = (f"{before['dice']:.4f} | {after['dice']:.4f}" if "dice" in before else "no reference | no reference")
-        lines.append(f"| {name} | {data['cases']} | {'x'.join(map(str, data['shape']))} | {before['seconds_per_volume']:.2f} | "
+        model = f"`{run['checkpoint']}`" + (f" (before: commit {run['before_commit']})" if run.get("before_commit") else "")
+        lines.append(f"| {name} | {model} | {data['cases']} | {'x'.join(map(str, data['shape']))} | {before['seconds_per_volume']:.2f} | "
                      f"{after['seconds_per_volume']:.2f} | {data['speedup']:.2f}x | {before['peak_rss_mb']:.0f} | {after['peak_rss_mb']:.0f} | "
-                     f"{dice} | {100 * data['voxels_changed']:.3f}% |")
+                     f"{dice} | {100 * data['voxels_changed']:.3f}% | {run['threads']}, {run['repeats']} | "
+                     f"{run['load_before']:.2f} -> {run['load_after']:.2f} |")
     la = results.get("la_windows")
     if la:
+        timed = "timed in the table" if "la" in results["datasets"] else "not timed: no LA model"
         lines += ["", f"LA test cases ({la['cases']}, patch {'x'.join(map(str, la['patch']))}): the sliding window changes for "
-                  f"{la['changed']} of them (not timed: no LA model on this machine)."]
+                  f"{la['changed']} of them ({timed})."]
     (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
 
 

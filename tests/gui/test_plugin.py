@@ -556,6 +556,15 @@ def test_a_two_channel_model_through_segment_finetune_and_review(make_napari_vie
     assert new and load_model(new).record.iteration == 3 and load_model(new).plan.channel_names == ("T2", "ADC")
     assert viewer.layers["stacked_0000 prediction"].metadata["checkpoint"] == new
 
+    # In a new window, Fine-tune docked before the 4D file is opened: both rows fill once its layers are in.
+    other = make_napari_viewer()
+    early = FineTuneWidget(other)
+    other.window.add_dock_widget(early, name="Fine-tune")
+    assert early.model.choose(str(best)) and [name for name, _ in early.channels.rows] == ["ADC"]
+    opened = other.open(str(tmp_path / "stacked.nii.gz"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: early.channels.rows[0][1].layer() is opened[1], timeout=5_000)
+    assert early.image.layer() is opened[0]
+
     # The review queue of a folder of channel files: one entry per case, opened with all its channels.
     from semiseg.napari.widgets.review import ReviewWidget
 

@@ -9,7 +9,7 @@ from semiseg.errors import InputError
 from semiseg.io import Volume, stack_channels
 from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.layers import volume_from_layer
-from semiseg.napari.widgets.common import LayerChoice
+from semiseg.napari.widgets.common import LayerChoice, later
 from semiseg.napari.widgets.display import is_scan
 
 
@@ -24,6 +24,15 @@ class ChannelRows:
         self.scan = scan
         self.model = model
         self.rows: list[tuple[str, LayerChoice]] = []
+        # A file's channels arrive one layer at a time: look again once the choices have them all.
+        self.timer = later(form.parentWidget(), self.preselect, 0)
+        viewer.layers.events.inserted.connect(self._layer_added)
+
+    def _layer_added(self, event=None) -> None:
+        try:
+            self.timer.start()
+        except RuntimeError:  # the widget is closed; the viewer outlives it
+            self.viewer.layers.events.inserted.disconnect(self._layer_added)
 
     def names(self) -> tuple[str, ...]:
         """The chosen model's channel names; () for a model of one channel (or none chosen)."""
