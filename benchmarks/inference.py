@@ -108,6 +108,15 @@ def la_windows(checkpoint_patch: tuple[int, int, int] = (80, 112, 112)) -> dict:
     return {"cases": len(ids), "changed": changed, "patch": list(checkpoint_patch), "shapes": shapes}
 
 
+def model_description(checkpoint: str) -> str:
+    """What the model is, for a row whose checkpoint is not in the repository."""
+    from semiseg.models import read_record
+
+    record = read_record(checkpoint)
+    options = " ".join(f"{key}={value}" for key, value in sorted(record.network_options.items()))
+    return f"{record.method}, {record.network} {options}, {record.iteration} iterations".replace("  ", " ")
+
+
 def run_child(args: argparse.Namespace, dataset: str, mode: str, labels_dir: Path) -> dict:
     command = [sys.executable, __file__, "--child", "--dataset", dataset, "--mode", mode, "--checkpoint", args.checkpoint,
                "--threads", str(args.threads), "--labels-dir", str(labels_dir)]
@@ -135,7 +144,7 @@ def main() -> int:
     before_commit = subprocess.run(["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() \
         if args.before_src else None
     run = {"checkpoint": str(Path(args.checkpoint).resolve().relative_to(ROOT)) if Path(args.checkpoint).resolve().is_relative_to(ROOT)
-           else args.checkpoint, "threads": args.threads, "repeats": args.repeats, "before_commit": before_commit,
+           else args.checkpoint, "model": model_description(args.checkpoint), "threads": args.threads, "repeats": args.repeats, "before_commit": before_commit,
            "load_before": os.getloadavg()[0]}
     path = RESULTS / "inference.json"
     results = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
@@ -188,7 +197,8 @@ def render(results: dict) -> None:
     for name, data in results["datasets"].items():
         before, after, run = data["before"], data["after"], data["run"]
         dice = (f"{before['dice']:.4f} | {after['dice']:.4f}" if "dice" in before else "no reference | no reference")
-        model = f"`{run['checkpoint']}`" + (f" (before: commit {run['before_commit']})" if run.get("before_commit") else "")
+        model = f"`{run['checkpoint']}`" + (f" ({run['model']})" if run.get("model") else "") \
+            + (f" (before: commit {run['before_commit']})" if run.get("before_commit") else "")
         lines.append(f"| {name} | {model} | {data['cases']} | {'x'.join(map(str, data['shape']))} | {before['seconds_per_volume']:.2f} | "
                      f"{after['seconds_per_volume']:.2f} | {data['speedup']:.2f}x | {before['peak_rss_mb']:.0f} | {after['peak_rss_mb']:.0f} | "
                      f"{dice} | {100 * data['voxels_changed']:.3f}% | {run['threads']}, {run['repeats']} | "
