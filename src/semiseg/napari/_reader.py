@@ -119,7 +119,6 @@ def read_layers(path: str | Path) -> list[tuple]:
     return [volume_layer_data(volume, name, "image", str(path))]
 
 
-
 def channel_layers(volume: Volume, name: str, path: Path) -> list[tuple]:
     """One image layer per channel of a scan, named by nnU-Net's suffix and, when the dataset.json
     beside the file (or one folder up) names as many channels, by the channel's name."""
