@@ -247,16 +247,19 @@ def comparison_lines(runs: list[dict]) -> list[str]:
     return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
 
 
-def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000, network: str = "vnet") -> None:
+def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000) -> None:
     """semiseg/data/method_evidence.json: what `semiseg methods` and the Train widget show per method, from the
-    seeded comparison at the default budget and from throughput.py's one-thread hippocampus table."""
+    seeded comparison at the default budget, each method on the network it trains on by default (its paper's),
+    and from throughput.py's one-thread hippocampus table."""
+    from semiseg.methods import method_class
+
     groups = comparison_groups(runs)
     methods: dict[str, dict] = {}
     for key, group in sorted(groups.items()):
-        if key[0] != network or key[1] != iterations or key[4] or key[2] >= TRAINING_CASES:
+        if key[0] != method_class(key[3]).paper_network or key[1] != iterations or key[4] or key[2] >= TRAINING_CASES:
             continue
         dice = [r["dice_mean"] for r in group]
-        row = {"labeled": key[2], "seeds": len(group), "dice": float(np.mean(dice)), "dice_sd": float(np.std(dice))}
+        row = {"labeled": key[2], "seeds": len(group), "dice": float(np.mean(dice)), "dice_sd": float(np.std(dice)), "network": key[0]}
         paired = paired_with_supervised(groups, key)
         if paired:
             row.update({k: paired[k] for k in ("delta", "p_value", "better_cases")})
@@ -273,8 +276,9 @@ def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations:
             for method, values in seconds.items():
                 if method in methods:
                     methods[method]["relative_time"] = float(np.median(values)) / reference
-    setting = (f"hippocampus benchmark (benchmarks/results/hippocampus_cpu.md): {network} base 8, {iterations} iterations, "
-               f"40 validation cases, labeled cases drawn per seed, the other training cases unlabeled")
+    setting = (f"hippocampus benchmark (benchmarks/results/hippocampus_cpu.md): each method on its default network (vnet unless "
+               f"said), base 8, {iterations} iterations, 40 validation cases, labeled cases drawn per seed, the other training cases "
+               "unlabeled; differences against supervised-only on the same network")
     target.write_text(json.dumps({"setting": setting, "methods": methods}, indent=1) + "\n")
 
 

@@ -24,6 +24,7 @@ class Measured:
     delta: float | None = None  # mean per-case Dice minus supervised-only's, over the seeds both have
     p_value: float | None = None  # Wilcoxon signed-rank over the validation cases
     better_cases: str | None = None  # e.g. "31/40"
+    network: str = "vnet"  # the method's default network, on which it and its supervised-only pair ran
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +76,8 @@ def describe(method: str) -> str:
     """One line: Dice per labeled count with the difference to supervised-only, and the relative time."""
     parts = []
     for row in measured(method):
-        text = f"{row.labeled} labeled: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seeds)"
+        on = "" if row.network == "vnet" else f" on {row.network}"
+        text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
         parts.append(text)
