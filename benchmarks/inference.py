@@ -148,8 +148,6 @@ def main() -> int:
            "load_before": os.getloadavg()[0]}
     path = RESULTS / "inference.json"
     results = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
-    for earlier in results["datasets"].values():  # rows of a file from before rows recorded their own run
-        earlier.setdefault("run", {key: results.get(key) for key in ("checkpoint", "threads", "repeats", "before_commit", "load_before", "load_after")})
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                "datasets": results["datasets"], **({"la_windows": results["la_windows"]} if "la_windows" in results else {})}
     with tempfile.TemporaryDirectory() as scratch:

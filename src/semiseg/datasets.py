@@ -272,17 +272,28 @@ def ignore_label_in(root: str | os.PathLike) -> int | None:
     return next((value for value, name in _labels_by_value(Path(root)).items() if name == IGNORE_NAME), None)
 
 
+def _dataset_folder_near(path: str | os.PathLike) -> Path | None:
+    """The folder of the dataset holding a file: dataset.json beside it or one folder up (imagesTr/, labelsTr/)."""
+    path = Path(path)
+    return next((folder for folder in (path.parent, path.parent.parent) if (folder / "dataset.json").is_file()), None)
+
+
 def class_names_near(label_path: str | os.PathLike) -> dict[int, str] | None:
-    """Class names for a label file: those of the dataset holding it (dataset.json beside the file
-    or one folder up, as in labelsTr/), else None."""
-    path = Path(label_path)
-    for folder in (path.parent, path.parent.parent):
-        if (folder / "dataset.json").is_file():
-            try:
-                return class_names_in(folder) or None
-            except InputError:
-                return None
-    return None
+    """Class names for a label file: those of the dataset holding it, else None."""
+    folder = _dataset_folder_near(label_path)
+    try:
+        return (class_names_in(folder) or None) if folder is not None else None
+    except InputError:
+        return None
+
+
+def channel_names_near(scan_path: str | os.PathLike) -> tuple[str, ...]:
+    """Channel names for a scan file: those of the dataset holding it, else () (also for an unreadable dataset.json)."""
+    folder = _dataset_folder_near(scan_path)
+    try:
+        return channel_names_in(folder) if folder is not None else ()
+    except InputError:
+        return ()
 
 
 def image_for_label(label_path: str | os.PathLike) -> Path | None:

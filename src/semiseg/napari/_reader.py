@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from semiseg.datasets import LA_CLASS_NAMES, channel_names_in, class_names_near, image_for_label
-from semiseg.errors import InputError, SemisegError
+from semiseg.datasets import LA_CLASS_NAMES, channel_names_near, class_names_near, image_for_label
+from semiseg.errors import SemisegError
 from semiseg.io import Volume, is_dicom_folder, read_scan, read_volume, strip_suffix, volume_suffix
 from semiseg.napari.layers import jsonable_names, looks_like_labels, volume_layer_data
 from semiseg.napari.windows import CT_WINDOWS, DEFAULT_CT_WINDOW
@@ -122,14 +122,7 @@ def read_layers(path: str | Path) -> list[tuple]:
 def channel_layers(volume: Volume, name: str, path: Path) -> list[tuple]:
     """One image layer per channel of a scan, named by nnU-Net's suffix and, when the dataset.json
     beside the file (or one folder up) names as many channels, by the channel's name."""
-    names: tuple[str, ...] = ()
-    for folder in (path.parent, path.parent.parent):
-        try:
-            names = channel_names_in(folder)
-        except InputError:  # an unreadable dataset.json: the suffixes still say which channel is which
-            names = ()
-        if names:
-            break
+    names = channel_names_near(path)  # none: the suffixes still say which channel is which
     if len(names) != volume.channels:
         names = ()
     layers = []

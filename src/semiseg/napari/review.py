@@ -15,7 +15,7 @@ from typing import Any
 
 from semiseg.datasets import case_id_of, channel_files, files_by_case
 from semiseg.errors import InputError, SemisegError
-from semiseg.io import Volume, is_dicom_folder, read_scan, read_volume, strip_suffix, volume_suffix, write_volume
+from semiseg.io import is_dicom_folder, read_scan, strip_suffix, volume_suffix, write_volume
 from semiseg.preprocessing import cache_root
 
 
@@ -50,9 +50,9 @@ def list_scans(folder: str | os.PathLike, channels: int = 1) -> list[Path]:
     return sorted(scans)
 
 
-def read_entry_scan(scan: str | os.PathLike, channels: int) -> Volume:
-    """A queue entry's scan with all its channels, for a model of `channels`."""
-    return read_scan(channel_files(scan)) if channels > 1 else read_volume(scan)
+def entry_files(scan: str | os.PathLike, channels: int) -> list[Path]:
+    """A queue entry's files: its scan and, for a model of several channels, the channel files beside it."""
+    return channel_files(scan) if channels > 1 else [Path(scan)]
 
 
 class ReviewQueue:
@@ -105,7 +105,7 @@ class ReviewQueue:
                 report({"fraction": fraction, "text": f"{entry.name} ({index + 1}/{len(entries)}): {event.get('text', '')}"})
 
             try:
-                volume = read_entry_scan(entry.scan, channels)
+                volume = read_scan(entry_files(entry.scan, channels))
                 result = predict(volume, model, device, self.tta, progress=scan_progress, should_stop=should_stop)
             except SemisegError as error:
                 entry.error = " ".join(str(error).split())

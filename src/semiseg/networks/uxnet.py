@@ -33,13 +33,11 @@ from torch import nn
 from semiseg.networks.vnet import checked_strides
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int | Sequence[int]) -> torch.Tensor:
-    """Zero-pad the far end of each spatial side of (B, C, D, H, W) up to a multiple of `multiple`
-    (one for every axis, or one per (z, y, x) axis)."""
-    multiples = [multiple] * 3 if isinstance(multiple, int) else list(multiple)
+def pad_to_multiple(x: torch.Tensor, multiples: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the far end of each spatial side of (B, C, D, H, W) up to a multiple of its (z, y, x) entry."""
     padding: list[int] = []
-    for size, each in zip(reversed(x.shape[2:]), reversed(multiples)):
-        padding += [0, -size % each]
+    for size, multiple in zip(reversed(x.shape[2:]), reversed(multiples)):
+        padding += [0, -size % multiple]
     return F.pad(x, padding) if any(padding) else x
 
 

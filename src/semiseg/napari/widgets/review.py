@@ -157,16 +157,16 @@ class ReviewWidget(QWidget):
         return self.open_entry(entry)
 
     def open_entry(self, entry):
-        from semiseg.datasets import channel_files
         from semiseg.io import read_volume
         from semiseg.napari._reader import read_layers
+        from semiseg.napari.review import entry_files
 
         if entry.labels is None:
             show_error(f"semiseg: {entry.name} has no prediction ({entry.error or 'not ranked yet'})")
             return None
         try:
             record = read_record_or_none(self.queue.checkpoint)
-            files = channel_files(entry.scan) if record is not None and record.plan.in_channels > 1 else [entry.scan]
+            files = entry_files(entry.scan, record.plan.in_channels if record is not None else 1)
             channels = [layer for path in files for layer in read_layers(path)]  # a 4D NIfTI gives a layer per channel
             labels = read_volume(entry.labels)
             entropy = read_volume(entry.entropy) if entry.entropy else None
