@@ -580,6 +580,9 @@ def test_a_two_channel_model_through_segment_finetune_and_review(make_napari_vie
     click(qtbot, review.open_next)
     opened = entries[0].name
     assert isinstance(viewer.layers[f"{opened}_0000"], Image) and isinstance(viewer.layers[f"{opened}_0001"], Image)
+    # Segment follows the active layer to the opened scan: its channel files by name fill the scan and ADC rows
+    qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is viewer.layers[f"{opened}_0001"], timeout=5_000)
+    assert widget.image.layer() is viewer.layers[f"{opened}_0000"]
     scan_files = [root / "imagesTr" / f"{opened}_{channel}.nii.gz" for channel in ("0000", "0001")]
     expected = predict_volume(read_scan(scan_files), load_model(new).plan, load_model(new).predictors(), torch.device("cpu")).labels.array
     np.testing.assert_array_equal(np.asarray(viewer.layers[f"{opened}_0000 prediction"].data), expected)

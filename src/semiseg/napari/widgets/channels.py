@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from napari.layers import Image
 
 from semiseg.errors import InputError
@@ -11,6 +13,15 @@ from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.layers import volume_from_layer
 from semiseg.napari.widgets.common import LayerChoice, later
 from semiseg.napari.widgets.display import is_scan
+
+
+def channel_of(layer) -> tuple[tuple[str, str], int] | None:
+    """Which scan a layer is a channel of, and which channel: its 4D file's (recorded by the reader), else
+    its nnU-Net channel-file name (case_0001 -> case, 1); None for neither."""
+    if "channel" in layer.metadata:
+        return ("file", str(layer.metadata.get("source_path"))), int(layer.metadata["channel"])
+    named = re.fullmatch(r"(.+)_(\d{4})", layer.name)
+    return (("name", named[1]), int(named[2])) if named else None
 
 
 class ChannelRows:
@@ -59,7 +70,7 @@ class ChannelRows:
     def preselect(self, *args) -> None:
         """A scan that is a later channel of its file gives way to the file's first channel."""
         scan = self.scan.layer()
-        if self.rows and scan is not None and scan.metadata.get("channel", 0) != 0:
+        if self.rows and scan is not None and (channel_of(scan) or ("", 0))[1] != 0:
             first = self._sibling(scan, 0)
             if first is not None:
                 self.scan.set_layer(first)  # the scan's change signal brings its owner back here
@@ -77,10 +88,10 @@ class ChannelRows:
                 choice.set_layer(match)
 
     def _sibling(self, scan, index: int):
-        """The layer of channel `index` read from the same file as `scan`, if open."""
-        source = scan.metadata.get("source_path")
-        return next((layer for layer in self.scan.layers() if source is not None and layer.metadata.get("source_path") == source
-                     and layer.metadata.get("channel") == index), None)
+        """The layer of channel `index` of the same scan as `scan`, if open: read from the same 4D file, or
+        named as nnU-Net names channel files (case_0000, case_0001, ...)."""
+        scan_of = channel_of(scan)
+        return next((layer for layer in self.scan.layers() if scan_of is not None and channel_of(layer) == (scan_of[0], index)), None)
 
     def volume(self, scan) -> Volume:
         """The scan layer, stacked with the layers chosen for the model's other channels; a channel
