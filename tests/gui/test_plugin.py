@@ -928,6 +928,24 @@ def test_train_cancel_stops_cleanly_with_a_loadable_checkpoint(make_napari_viewe
     print(f"\ntraining stopped {stopped_in:.2f} s after Cancel, at iteration {model.record.iteration}")
 
 
+def test_train_starts_from_the_command_lines_defaults_and_each_methods_network(make_napari_viewer, tmp_path):
+    from semiseg.config import TrainConfig, default_of, resolve_settings
+    from semiseg.methods import METHODS
+
+    train = docked(make_napari_viewer(), "Train")
+    train.data.set_text(str(SAMPLE))
+    train.output.set_text(str(tmp_path / "run"))
+    config = train.config()
+    assert (config.method, config.iterations) == (default_of("method"), default_of("iterations"))
+    for name, method in METHODS.items():  # as `semiseg train --method NAME` without --network
+        train.method.setCurrentText(name)
+        cli = resolve_settings({**TrainConfig(data="d", output="o", method=name).to_dict()}, given={"method"})
+        assert train.config().network == cli["network"] == method.paper_network
+    assert {m.paper_network for m in METHODS.values()} > {"vnet"}  # the loop above saw the network change
+    train.network.setCurrentText("unet")  # chosen after the method: kept
+    assert train.config().network == "unet"
+
+
 def test_doomed_jobs_are_refused_before_anything_is_written(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)

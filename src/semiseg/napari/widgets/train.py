@@ -36,7 +36,7 @@ class TrainWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from semiseg.methods import evidence
+        from semiseg.methods import evidence, method_class
         from semiseg.networks import NETWORKS
 
         self.viewer = napari_viewer
@@ -51,14 +51,17 @@ class TrainWidget(QWidget):
         self.method_evidence = grey_label()
         self.method_evidence.setToolTip(evidence.benchmark_note())
         self.method.currentTextChanged.connect(lambda name: self.method_evidence.setText(evidence.describe(name)))
-        self.method.setCurrentText(default_of("method"))
-        self.method_evidence.setText(evidence.describe(self.method.currentText()))
         # Every measured method at once: Dice (difference to supervised-only) per labeled count, relative time.
         self.methods_measured = grey_label(measured_table(evidence.overview()))
         self.methods_measured.setToolTip(evidence.benchmark_note())
         self.network = QComboBox()
         self.network.addItems(sorted(NETWORKS))
-        self.network.setCurrentText("vnet")
+        self.network.setToolTip("set to the chosen method's own network (as `semiseg train` without --network); choose another to override")
+        # As on the command line: a method trains on its paper's network unless another is chosen after it.
+        self.method.currentTextChanged.connect(lambda name: self.network.setCurrentText(method_class(name).paper_network))
+        self.method.setCurrentText(default_of("method"))
+        self.method_evidence.setText(evidence.describe(self.method.currentText()))
+        self.network.setCurrentText(method_class(self.method.currentText()).paper_network)
         self.network_options = QLineEdit()
         self.network_options.setPlaceholderText("e.g. base_filters=8 (default: the network's own)")
         self.labeled = QLineEdit(default_of("labeled"))
@@ -73,7 +76,7 @@ class TrainWidget(QWidget):
                                      "left out of the losses and the metrics")
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 1_000_000)
-        self.iterations.setValue(300)
+        self.iterations.setValue(default_of("iterations"))  # the budget the shipped evidence was measured at
         self.validate_every = QSpinBox()
         self.validate_every.setRange(1, 1_000_000)
         self.validate_every.setValue(50)
