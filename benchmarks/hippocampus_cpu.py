@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import resource
 import sys
@@ -156,6 +157,7 @@ def render(runs: list[dict]) -> None:
             f"{r['sec_per_iter']:.3f} ({r.get('threads', 2)}) | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
         )
     lines += comparison_lines(runs)
+    lines += equal_time_lines(runs)
     machines = sorted({r["machine"] for r in runs if r.get("machine")})
     lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
               "", "Machine: " + "; ".join(machines), "", "![validation Dice vs iteration](hippocampus_cpu_curves.png)", "",
@@ -194,14 +196,15 @@ def seed_averaged_case_dice(group: list[dict], seeds: set[int]) -> dict[str, flo
     return {case: float(np.mean([np.nanmean(r["per_case_dice"][case]) for r in chosen])) for case in chosen[0]["per_case_dice"]}
 
 
-def paired_with_supervised(groups: dict[tuple, list[dict]], key: tuple) -> dict | None:
-    """Against supervised-only with the same labeled count, network and budget, over the seeds both have:
-    Δ of the seed-averaged per-case Dice, Wilcoxon signed-rank p over the cases, cases better, and the share
-    of the gap to supervised with every training case labeled that Δ closes (None without a ceiling)."""
+def paired_with_supervised(groups: dict[tuple, list[dict]], key: tuple, supervised_iterations: int | None = None) -> dict | None:
+    """Against supervised-only with the same labeled count and network, trained for the same budget (or for
+    `supervised_iterations`), over the seeds both have: Δ of the seed-averaged per-case Dice, Wilcoxon signed-rank
+    p over the cases, cases better, and the share of the gap to supervised with every training case labeled that
+    Δ closes (None without a ceiling)."""
     from scipy.stats import wilcoxon
 
     network, iterations, count, method, variant = key
-    reference = groups.get((network, iterations, count, "supervised", ""))
+    reference = groups.get((network, supervised_iterations or iterations, count, "supervised", ""))
     if not reference or (method, variant) == ("supervised", ""):
         return None
     shared = {r["seed"] for r in groups[key]} & {r["seed"] for r in reference}
@@ -247,6 +250,55 @@ def comparison_lines(runs: list[dict]) -> list[str]:
     return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
 
 
+def relative_times() -> dict[str, float]:
+    """Each method's median seconds per iteration over supervised-only's, from throughput.py's one-thread
+    hippocampus table (measured with nothing else running, every method on the VNet base 8)."""
+    throughput = ROOT / "benchmarks" / "results" / "throughput.json"
+    table = json.loads(throughput.read_text())["tables"].get(EVIDENCE_THROUGHPUT_TABLE) if throughput.exists() else None
+    seconds: dict[str, list[float]] = {}
+    for run in table["runs"] if table else []:
+        if run.get("dataset") == "hippocampus" and run.get("sec_per_iter"):
+            seconds.setdefault(run["method"], []).append(run["sec_per_iter"])
+    if "supervised" not in seconds:
+        return {}
+    reference = float(np.median(seconds["supervised"]))
+    return {method: float(np.median(values)) / reference for method, values in seconds.items()}
+
+
+def equal_time_lines(runs: list[dict], iterations: int = 1000) -> list[str]:
+    """Each VNet method at the default budget against supervised-only given at least the same training time:
+    supervised's budget is the method's relative time per iteration x its iterations, met by the smallest
+    supervised budget run at or above it. Methods on other networks are left out: their supervised pair's
+    time per iteration is not in the throughput table."""
+    groups, times = comparison_groups(runs), relative_times()
+    lines = []
+    for key in sorted(groups, key=lambda k: (k[2], k[3])):
+        network, budget, count, method, variant = key
+        if budget != iterations or variant or method == "supervised" or network != "vnet" or count >= TRAINING_CASES or method not in times:
+            continue
+        needed = math.ceil(times[method] * iterations)
+        budgets = sorted(k[1] for k in groups if k[0] == network and k[2] == count and k[3] == "supervised" and not k[4] and k[1] >= needed)
+        paired = paired_with_supervised(groups, key, budgets[0]) if budgets else None
+        dice = np.mean([r["dice_mean"] for r in groups[key]])
+        if paired:
+            reference = groups[(network, budgets[0], count, "supervised", "")]
+            supervised = np.mean([r["dice_mean"] for r in reference if r["seed"] in {g["seed"] for g in groups[key]}])
+            cells = [str(budgets[0]), f"{supervised:.4f}", f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}",
+                     paired["better_cases"]]
+        else:
+            cells = [f"≥ {needed}: not run yet", "", "", "", ""]
+        lines.append(f"| {count} | {method} | {times[method]:.1f}x | {dice:.4f} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["", "## Against supervised-only trained as long (equal wall-clock)", "",
+            f"Each method at {iterations} iterations against supervised-only on the same network and labeled count, given at least",
+            "the method's training time: the method's time per iteration relative to supervised-only (throughput.md,",
+            f"`{EVIDENCE_THROUGHPUT_TABLE}`, one thread, nothing else running) times {iterations}, rounded up to a supervised budget",
+            "that was run. Δ and p as above, over the seeds both have.", "",
+            "| labeled | method | time/iter vs supervised | Dice | supervised iterations | supervised Dice | Δ vs supervised | p | better |",
+            "|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000) -> None:
     """semiseg/data/method_evidence.json: what `semiseg methods` and the Train widget show per method, from the
     seeded comparison at the default budget, each method on the network it trains on by default (its paper's),
@@ -264,18 +316,9 @@ def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations:
         if paired:
             row.update({k: paired[k] for k in ("delta", "p_value", "better_cases")})
         methods.setdefault(key[3], {"rows": []})["rows"].append(row)
-    throughput = ROOT / "benchmarks" / "results" / "throughput.json"
-    table = json.loads(throughput.read_text())["tables"].get(EVIDENCE_THROUGHPUT_TABLE) if throughput.exists() else None
-    if table:
-        seconds: dict[str, list[float]] = {}
-        for run in table["runs"]:
-            if run.get("dataset") == "hippocampus" and run.get("sec_per_iter"):
-                seconds.setdefault(run["method"], []).append(run["sec_per_iter"])
-        if "supervised" in seconds:
-            reference = float(np.median(seconds["supervised"]))
-            for method, values in seconds.items():
-                if method in methods:
-                    methods[method]["relative_time"] = float(np.median(values)) / reference
+    for method, ratio in relative_times().items():
+        if method in methods:
+            methods[method]["relative_time"] = ratio
     setting = (f"hippocampus benchmark (benchmarks/results/hippocampus_cpu.md): each method on its default network (vnet unless "
                f"said), base 8, {iterations} iterations, 40 validation cases, labeled cases drawn per seed, the other training cases "
                "unlabeled; differences against supervised-only on the same network")

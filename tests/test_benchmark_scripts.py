@@ -53,8 +53,8 @@ def test_seeded_split_keeps_the_validation_cases_and_draws_nested_labeled_sets()
     assert drawn[0, 16][0] != drawn[1, 16][0]
 
 
-def _run(method: str, count: int, seed: int, per_case: list[float]) -> dict:
-    return {"method": method, "variant": "", "network": "vnet", "iterations": 1000, "labeled_count": count, "seed": seed,
+def _run(method: str, count: int, seed: int, per_case: list[float], iterations: int = 1000) -> dict:
+    return {"method": method, "variant": "", "network": "vnet", "iterations": iterations, "labeled_count": count, "seed": seed,
             "labeled": count / 160, "dice_mean": float(np.mean(per_case)), "train_seconds": 60.0,
             "per_case_dice": {f"case{i}": [d, d] for i, d in enumerate(per_case)}}
 
@@ -71,6 +71,24 @@ def test_comparison_pairs_cases_over_the_seeds_both_methods_have():
     assert float(cells[7]) < 1e-5 and cells[8] == "30/30"
     expected_gap = 0.05 / (0.9 - np.mean([np.mean(base[s]) for s in (0, 1)]))
     assert cells[9] == f"{expected_gap:.0%}"
+
+
+def test_equal_time_pairs_each_method_with_supervised_trained_at_least_as_long(monkeypatch):
+    benchmark = _benchmark()
+    monkeypatch.setattr(benchmark, "relative_times", lambda: {"supervised": 1.0, "cps": 4.6, "mean-teacher": 2.6})
+    rng = np.random.default_rng(3)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
+    runs += [_run("supervised", 4, seed, list(base[seed] + 0.03), iterations) for seed in (0, 1) for iterations in (3000, 6000)]
+    runs += [_run(method, 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2) for method in ("cps", "mean-teacher")]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in benchmark.equal_time_lines(runs) if line.startswith("| 4 |")}
+    # cps needs 4600 supervised iterations: the 6000 runs; mean-teacher 2600: the 3000 runs; over the 2 seeds both have.
+    assert rows["cps"][2:5] == ["4.6x", f"{np.mean([np.mean(base[s] + 0.02) for s in base]):.4f}", "6000"]
+    assert rows["mean-teacher"][4] == "3000" and rows["mean-teacher"][6] == "-0.0100 (2 seeds)" and rows["mean-teacher"][8] == "0/30"
+    runs = [r for r in runs if r["iterations"] != 6000]
+    rows = {line.split("|")[2].strip(): line for line in benchmark.equal_time_lines(runs) if line.startswith("| 4 |")}
+    assert "≥ 4600: not run yet" in rows["cps"] and "3000" in rows["mean-teacher"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
