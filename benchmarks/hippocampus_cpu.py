@@ -312,6 +312,8 @@ def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations:
             continue
         dice = [r["dice_mean"] for r in group]
         row = {"labeled": key[2], "seeds": len(group), "dice": float(np.mean(dice)), "dice_sd": float(np.std(dice)), "network": key[0]}
+        if group[0].get("options"):  # not the defaults a user gets: say so
+            row["options"] = group[0]["options"]
         paired = paired_with_supervised(groups, key)
         if paired:
             row.update({k: paired[k] for k in ("delta", "p_value", "better_cases")})

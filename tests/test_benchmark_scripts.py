@@ -137,6 +137,11 @@ def test_the_recommended_method_must_beat_supervised_significantly_over_enough_s
     runs = [r for r in runs if r["method"] != "cps"]
     _benchmark().write_method_evidence(runs, target)
     assert evidence.recommended_method() == "supervised"
+    # A method measured with other options than its defaults says so and is no evidence for its defaults.
+    runs += [{**_run("voxel-adversarial", 4, seed, list(base[seed] + 0.05)), "options": {"alpha": 0.1}} for seed in (0, 1, 2)]
+    _benchmark().write_method_evidence(runs, target)
+    assert evidence.describe("voxel-adversarial").startswith("4 labeled with alpha=0.1: Dice ")
+    assert evidence.recommended_method() == "supervised"
 
 
 def test_the_default_method_is_the_one_the_shipped_evidence_recommends_and_the_readme_says_so():

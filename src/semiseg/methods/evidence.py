@@ -25,6 +25,7 @@ class Measured:
     p_value: float | None = None  # Wilcoxon signed-rank over the validation cases
     better_cases: str | None = None  # e.g. "31/40"
     network: str = "vnet"  # the method's default network, on which it and its supervised-only pair ran
+    options: dict | None = None  # method options the runs changed from the defaults (a smaller model, say); None: defaults
 
 
 @lru_cache(maxsize=1)
@@ -59,13 +60,14 @@ MIN_SEEDS = 3
 def recommended_method() -> str:
     """The default method, chosen by the evidence: at the scarcest labeled count measured for
     supervised-only, the method with the best mean Dice among those that beat supervised-only there
-    (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more); supervised-only when none does."""
+    (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more, at the method's default options);
+    supervised-only when none does."""
     methods = _evidence().get("methods", {})
     scarce = min((row["labeled"] for row in methods.get("supervised", {}).get("rows", [])), default=None)
     best, best_dice = "supervised", -1.0
     for name in methods:
         for row in measured(name):
-            significant = (row.labeled == scarce and row.seeds >= MIN_SEEDS and row.delta is not None and row.delta > 0
+            significant = (row.labeled == scarce and not row.options and row.seeds >= MIN_SEEDS and row.delta is not None and row.delta > 0
                            and row.p_value is not None and row.p_value < SIGNIFICANCE)
             if significant and row.dice > best_dice:
                 best, best_dice = name, row.dice
@@ -77,6 +79,8 @@ def describe(method: str) -> str:
     parts = []
     for row in measured(method):
         on = "" if row.network == "vnet" else f" on {row.network}"
+        if row.options:
+            on += " with " + ", ".join(f"{key}={value}" for key, value in row.options.items())
         text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
