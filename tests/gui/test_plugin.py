@@ -946,6 +946,25 @@ def test_train_starts_from_the_command_lines_defaults_and_each_methods_network(m
     assert train.config().network == "unet"
 
 
+def test_a_job_whose_widget_was_closed_stops_and_reports_to_no_one(make_napari_viewer, qtbot, monkeypatch):
+    import threading
+
+    from semiseg.napari import training_process
+
+    release = threading.Event()
+    monkeypatch.setattr(training_process, "describe_dataset", lambda folder: release.wait(10) and {})
+    viewer = make_napari_viewer()
+    train = docked(viewer, "Train")
+    train.data.set_text(str(SAMPLE))  # starts reading the folder in the background
+    job = train.describe_job
+    assert job.running
+    viewer.close()  # the widget and its labels are deleted while the job runs
+    qtbot.waitUntil(lambda: job.owner_closed, timeout=10_000)
+    release.set()
+    qtbot.waitUntil(lambda: not job.running, timeout=10_000)
+    assert job.should_stop()  # and its result went nowhere: no error in Qt's event loop
+
+
 def test_doomed_jobs_are_refused_before_anything_is_written(make_napari_viewer, qtbot, checkpoint, case_paths, tmp_path, messages):
     viewer = make_napari_viewer()
     image, label = open_case(viewer, case_paths)

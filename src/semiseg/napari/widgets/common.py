@@ -313,7 +313,8 @@ class ThreadJob:
     """Run `function(progress=..., should_stop=...)` in a napari worker thread (it shows in napari's
     activity list, with napari's cancel). Outcomes arrive in the GUI thread: on_done("ok", value),
     on_done("error", one-line message) for semiseg's user errors, on_done("cancelled", None).
-    Unexpected exceptions are left to napari, which reports them as bugs."""
+    Unexpected exceptions are left to napari, which reports them as bugs. A job whose widget is
+    closed (on_done bound to a deleted QObject) is asked to stop and reports to no one."""
 
     def __init__(self, description: str, function: Callable[..., Any], on_done: Callable[[str, Any], None],
                  on_progress: Callable[[dict], None] | None = None) -> None:
@@ -330,6 +331,14 @@ class ThreadJob:
         self.worker = create_worker(_NamedCall(description, self._call), _progress={"desc": description}, _start_thread=False)
         self.worker.returned.connect(self._returned)
         self.worker.finished.connect(self._finished)
+        self.owner_closed = False
+        owner = getattr(on_done, "__self__", None)
+        if isinstance(owner, QObject):
+            owner.destroyed.connect(self._owner_closed)
+
+    def _owner_closed(self, *_) -> None:
+        self.owner_closed = True
+        self.cancel_event.set()
 
     def should_stop(self) -> bool:
         return self.cancel_event.is_set() or self.worker.abort_requested
@@ -353,6 +362,8 @@ class ThreadJob:
 
     def _finished(self) -> None:
         self.done = True
+        if self.owner_closed:
+            return
         status, value = self.outcome or ("cancelled", None)  # napari's own cancel suppresses the result
         self.on_done(status, value)
 
