@@ -265,25 +265,34 @@ def relative_times() -> dict[str, float]:
     return {method: float(np.median(values)) / reference for method, values in seconds.items()}
 
 
+def equal_time_budgets(groups: dict[tuple, list[dict]], key: tuple, times: dict[str, float]) -> tuple[int, int | None] | None:
+    """For a VNet method's runs: the supervised budget that matches their training time (the method's relative
+    time per iteration x its iterations) and the smallest supervised budget run at or above it (None: not run yet).
+    None for supervised itself and for methods on other networks: their supervised pair's time per iteration is
+    not in the throughput table."""
+    network, iterations, count, method, variant = key
+    if variant or method == "supervised" or network != "vnet" or count >= TRAINING_CASES or method not in times:
+        return None
+    needed = math.ceil(times[method] * iterations)
+    budgets = sorted(k[1] for k in groups if k[0] == network and k[2] == count and k[3] == "supervised" and not k[4] and k[1] >= needed)
+    return needed, budgets[0] if budgets else None
+
+
 def equal_time_lines(runs: list[dict], iterations: int = 1000) -> list[str]:
-    """Each VNet method at the default budget against supervised-only given at least the same training time:
-    supervised's budget is the method's relative time per iteration x its iterations, met by the smallest
-    supervised budget run at or above it. Methods on other networks are left out: their supervised pair's
-    time per iteration is not in the throughput table."""
+    """Each VNet method at the default budget against supervised-only given at least the same training time."""
     groups, times = comparison_groups(runs), relative_times()
     lines = []
     for key in sorted(groups, key=lambda k: (k[2], k[3])):
-        network, budget, count, method, variant = key
-        if budget != iterations or variant or method == "supervised" or network != "vnet" or count >= TRAINING_CASES or method not in times:
+        budgets = equal_time_budgets(groups, key, times) if key[1] == iterations else None
+        if budgets is None:
             continue
-        needed = math.ceil(times[method] * iterations)
-        budgets = sorted(k[1] for k in groups if k[0] == network and k[2] == count and k[3] == "supervised" and not k[4] and k[1] >= needed)
-        paired = paired_with_supervised(groups, key, budgets[0]) if budgets else None
+        (network, _, count, method, _), (needed, budget) = key, budgets
+        paired = paired_with_supervised(groups, key, budget) if budget else None
         dice = np.mean([r["dice_mean"] for r in groups[key]])
         if paired:
-            reference = groups[(network, budgets[0], count, "supervised", "")]
+            reference = groups[(network, budget, count, "supervised", "")]
             supervised = np.mean([r["dice_mean"] for r in reference if r["seed"] in {g["seed"] for g in groups[key]}])
-            cells = [str(budgets[0]), f"{supervised:.4f}", f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}",
+            cells = [str(budget), f"{supervised:.4f}", f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}",
                      paired["better_cases"]]
         else:
             cells = [f"≥ {needed}: not run yet", "", "", "", ""]
@@ -302,10 +311,10 @@ def equal_time_lines(runs: list[dict], iterations: int = 1000) -> list[str]:
 def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000) -> None:
     """semiseg/data/method_evidence.json: what `semiseg methods` and the Train widget show per method, from the
     seeded comparison at the default budget, each method on the network it trains on by default (its paper's),
-    and from throughput.py's one-thread hippocampus table."""
+    with its pair trained as long as it where that was run, and from throughput.py's one-thread hippocampus table."""
     from semiseg.methods import method_class
 
-    groups = comparison_groups(runs)
+    groups, times = comparison_groups(runs), relative_times()
     methods: dict[str, dict] = {}
     for key, group in sorted(groups.items()):
         if key[0] != method_class(key[3]).paper_network or key[1] != iterations or key[4] or key[2] >= TRAINING_CASES:
@@ -317,8 +326,12 @@ def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations:
         paired = paired_with_supervised(groups, key)
         if paired:
             row.update({k: paired[k] for k in ("delta", "p_value", "better_cases")})
+        budgets = equal_time_budgets(groups, key, times)
+        paired = paired_with_supervised(groups, key, budgets[1]) if budgets and budgets[1] else None
+        if paired:
+            row["equal_time"] = {"supervised_iterations": budgets[1], **{k: paired[k] for k in ("seeds", "delta", "p_value", "better_cases")}}
         methods.setdefault(key[3], {"rows": []})["rows"].append(row)
-    for method, ratio in relative_times().items():
+    for method, ratio in times.items():
         if method in methods:
             methods[method]["relative_time"] = ratio
     setting = (f"hippocampus benchmark (benchmarks/results/hippocampus_cpu.md): each method on its default network (vnet unless "

@@ -107,13 +107,19 @@ def test_method_evidence_written_from_the_comparison_is_what_users_are_shown(tmp
     base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
     runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
     runs += [_run("cps", 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2)]
+    runs += [_run("supervised", 4, seed, list(base[seed] + 0.03), 6000) for seed in (0, 1)]  # as long as cps takes, 2 seeds
+    benchmark = _benchmark()
+    monkeypatch.setattr(benchmark, "relative_times", lambda: {"supervised": 1.0, "cps": 4.6})
     target = tmp_path / "method_evidence.json"
-    _benchmark().write_method_evidence(runs, target)
+    benchmark.write_method_evidence(runs, target)
     monkeypatch.setattr(evidence, "_evidence", lambda: json.loads(target.read_text()))
     [row] = evidence.measured("cps")
     assert (row.labeled, row.seeds, row.better_cases) == (4, 3, "30/30") and abs(row.delta - 0.02) < 1e-9
     assert row.dice == pytest.approx(np.mean([np.mean(base[s] + 0.02) for s in base]))
+    assert (row.equal_time["supervised_iterations"], row.equal_time["seeds"], row.equal_time["better_cases"]) == (6000, 2, "0/30")
     assert evidence.describe("cps").startswith(f"4 labeled: Dice {row.dice:.3f} ± {row.dice_sd:.3f} (3 seeds), +0.020 vs supervised (p=")
+    assert ", -0.010 vs supervised trained as long (6000 iterations, p=" in evidence.describe("cps")
+    assert evidence.measured("supervised")[0].equal_time is None
     assert evidence.describe("bcp") == "not benchmarked yet"
     assert evidence.recommended_method() == "cps"
     assert [row[0] for row in evidence.overview()] == ["cps", "supervised"]  # best Dice at the fewest labels first

@@ -26,6 +26,9 @@ class Measured:
     better_cases: str | None = None  # e.g. "31/40"
     network: str = "vnet"  # the method's default network, on which it and its supervised-only pair ran
     options: dict | None = None  # method options the runs changed from the defaults (a smaller model, say); None: defaults
+    # Against supervised-only trained at least as long in wall-clock (more iterations): supervised_iterations,
+    # seeds, delta, p_value, better_cases; None where that supervised budget was not run.
+    equal_time: dict | None = None
 
 
 @lru_cache(maxsize=1)
@@ -84,6 +87,9 @@ def describe(method: str) -> str:
         text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
+        if row.equal_time:
+            text += (f", {row.equal_time['delta']:+.3f} vs supervised trained as long "
+                     f"({row.equal_time['supervised_iterations']} iterations, p={row.equal_time['p_value']:.2g})")
         parts.append(text)
     time = relative_time(method)
     if time is not None:
