@@ -348,11 +348,21 @@ def plot_dice_vs_count(runs: list[dict], plt) -> None:
             lines.setdefault((method, network, iterations), {})[count] = [r["dice_mean"] for r in group]
     if not lines:
         return
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for (method, network, iterations), points in sorted(lines.items()):
+    figure, axis = plt.subplots(figsize=(8, 5))
+    # one colour per method and network (supervised-only, the reference, black; grey on other networks), one line style
+    # and marker per budget; each line nudged sideways so error bars stay apart
+    pairs = sorted({(method, network) for method, network, _ in lines if method != "supervised"})
+    colours = dict(zip(pairs, plt.get_cmap("tab10" if len(pairs) <= 10 else "tab20").colors))
+    colours.update({("supervised", network): "black" if network == "vnet" else "grey" for method, network, _ in lines})
+    budgets = sorted({iterations for _, _, iterations in lines})
+    styles, markers = dict(zip(budgets, ("-", "--", ":", "-."))), dict(zip(budgets, "os^vD"))
+    for index, ((method, network, iterations), points) in enumerate(sorted(lines.items())):
         counts = sorted(points)
-        axis.errorbar(counts, [np.mean(points[c]) for c in counts], yerr=[np.std(points[c]) for c in counts], marker="o",
-                      markersize=4, capsize=3, label=f"{method} ({network}, {iterations} it)")
+        nudge = 1 + 0.012 * (index - len(lines) / 2)
+        axis.errorbar([c * nudge for c in counts], [np.mean(points[c]) for c in counts], yerr=[np.std(points[c]) for c in counts],
+                      marker=markers.get(iterations, "o"), markersize=5, capsize=3, color=colours[(method, network)],
+                      linestyle=styles.get(iterations, "-"),
+                      label=f"{method} ({network}, {iterations} it)")
     axis.set_xscale("log")
     ticks = sorted({c for points in lines.values() for c in points})
     axis.minorticks_off()  # a log axis would label minor ticks like 6x10^0
