@@ -157,6 +157,7 @@ def render(runs: list[dict]) -> None:
             f"{r['sec_per_iter']:.3f} ({r.get('threads', 2)}) | {r['peak_mem_mb']:.0f} | {r['infer_sec_per_volume']:.3f} |"
         )
     lines += comparison_lines(runs)
+    lines += budget_lines(runs)
     lines += equal_time_lines(runs)
     machines = sorted({r["machine"] for r in runs if r.get("machine")})
     lines += ["", "s/iter is the mean wall time per training iteration; runs that shared the CPU with other work are slower.",
@@ -201,25 +202,34 @@ def paired_with_supervised(groups: dict[tuple, list[dict]], key: tuple, supervis
     `supervised_iterations`), over the seeds both have: Δ of the seed-averaged per-case Dice, Wilcoxon signed-rank
     p over the cases, cases better, and the share of the gap to supervised with every training case labeled that
     Δ closes (None without a ceiling)."""
-    from scipy.stats import wilcoxon
-
     network, iterations, count, method, variant = key
     reference = groups.get((network, supervised_iterations or iterations, count, "supervised", ""))
     if not reference or (method, variant) == ("supervised", ""):
         return None
-    shared = {r["seed"] for r in groups[key]} & {r["seed"] for r in reference}
-    if not shared:
+    paired = paired_difference(groups[key], reference)
+    if not paired:
         return None
-    ours, theirs = seed_averaged_case_dice(groups[key], shared), seed_averaged_case_dice(reference, shared)
-    difference = np.array([ours[c] - theirs[c] for c in sorted(ours)])
     ceiling = groups.get((network, iterations, TRAINING_CASES, "supervised", ""))
     gap = None
     if ceiling:
+        shared = set(paired["shared_seeds"])
         gap = np.mean([r["dice_mean"] for r in ceiling]) - np.mean([r["dice_mean"] for r in reference if r["seed"] in shared])
-    return {"seeds": len(shared), "delta": float(difference.mean()),
+    return {**paired, "gap_closed": float(paired["delta"] / gap) if gap and gap > 0 else None}
+
+
+def paired_difference(ours: list[dict], reference: list[dict]) -> dict | None:
+    """Two groups of seeded runs over the seeds both have: Δ of the seed-averaged per-case Dice, Wilcoxon
+    signed-rank p over the cases and cases better; None when they share no seed."""
+    from scipy.stats import wilcoxon
+
+    shared = {r["seed"] for r in ours} & {r["seed"] for r in reference}
+    if not shared:
+        return None
+    mine, theirs = seed_averaged_case_dice(ours, shared), seed_averaged_case_dice(reference, shared)
+    difference = np.array([mine[c] - theirs[c] for c in sorted(mine)])
+    return {"seeds": len(shared), "shared_seeds": sorted(shared), "delta": float(difference.mean()),
             "p_value": float(wilcoxon(difference).pvalue) if np.any(difference) else 1.0,
-            "better_cases": f"{int((difference > 0).sum())}/{len(difference)}",
-            "gap_closed": float(difference.mean() / gap) if gap and gap > 0 else None}
+            "better_cases": f"{int((difference > 0).sum())}/{len(difference)}"}
 
 
 def comparison_lines(runs: list[dict]) -> list[str]:
@@ -248,6 +258,33 @@ def comparison_lines(runs: list[dict]) -> list[str]:
         lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f} ± {np.std(dice):.4f} | "
                      + " | ".join(cells) + f" | {np.mean([r['train_seconds'] for r in group]) / 60:.1f} |")
     return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
+
+
+def budget_lines(runs: list[dict], base: int = 1000) -> list[str]:
+    """Each VNet method (no variant) run at more than one budget: Dice per budget, and each longer budget against
+    the same method at `base` iterations, paired over the cases as in the seeded comparison."""
+    groups = comparison_groups(runs)
+    budgets = sorted({k[1] for k in groups if k[0] == "vnet" and not k[4]})
+    lines = []
+    for count, method in sorted({(k[2], k[3]) for k in groups if k[0] == "vnet" and not k[4]}, key=lambda c: (c[0], c[1] != "supervised", c[1])):
+        runs_at = {b: groups[("vnet", b, count, method, "")] for b in budgets if ("vnet", b, count, method, "") in groups}
+        if len(runs_at) < 2 or base not in runs_at:
+            continue
+        dice = [f"{np.mean([r['dice_mean'] for r in runs_at[b]]):.4f} ({len(runs_at[b])})" if b in runs_at else "" for b in budgets]
+        longer = []
+        for b in budgets:
+            paired = paired_difference(runs_at[b], runs_at[base]) if b in runs_at and b != base else None
+            if paired:
+                longer.append(f"{b}: {paired['delta']:+.4f}, p {paired['p_value']:.2g}, {paired['better_cases']} ({paired['seeds']} seeds)")
+        lines.append(f"| {count} | {method} | " + " | ".join(dice) + " | " + "; ".join(longer) + " |")
+    if not lines:
+        return []
+    return ["", "## Training budget (the same method trained longer)", "",
+            f"VNet base 8, default options. Dice: mean over seeds (seed count in brackets). Longer vs {base}: the same method",
+            f"at each longer budget against itself at {base} iterations, paired over the 40 validation cases as above",
+            "(Δ of the seed-averaged per-case Dice, Wilcoxon p, cases better, over the seeds both have).", "",
+            "| labeled | method | " + " | ".join(f"{b} it" for b in budgets) + f" | longer vs {base} |",
+            "|---|---|" + "---|" * len(budgets) + "---|", *lines]
 
 
 def relative_times() -> dict[str, float]:

@@ -91,6 +91,21 @@ def test_equal_time_pairs_each_method_with_supervised_trained_at_least_as_long(m
     assert "≥ 4600: not run yet" in rows["cps"] and "3000" in rows["mean-teacher"]
 
 
+def test_budget_table_pairs_each_longer_budget_with_the_same_method_at_the_base_budget():
+    rng = np.random.default_rng(5)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run(method, 16, seed, list(base[seed])) for seed in (0, 1, 2) for method in ("supervised", "cps")]
+    runs += [_run("supervised", 16, seed, list(base[seed] + 0.01), 3000) for seed in (0, 1)]
+    runs += [_run("cps", 16, seed, list(base[seed] - 0.02), 6000) for seed in (0, 1, 2)]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in _benchmark().budget_lines(runs) if line.startswith("| 16 |")}
+    supervised_3000 = np.mean([np.mean(base[s] + 0.01) for s in (0, 1)])
+    # columns: labeled, method, 1000 it, 3000 it, 6000 it, longer vs 1000
+    assert rows["supervised"][2:5] == [f"{np.mean([np.mean(base[s]) for s in base]):.4f} (3)", f"{supervised_3000:.4f} (2)", ""]
+    assert rows["supervised"][5].startswith("3000: +0.0100, p ") and rows["supervised"][5].endswith("30/30 (2 seeds)")
+    assert rows["cps"][3] == "" and rows["cps"][5].startswith("6000: -0.0200, p ") and rows["cps"][5].endswith("0/30 (3 seeds)")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_refuses_clearly_without_cuda_and_writes_nothing(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--out", str(tmp_path / "results")],
