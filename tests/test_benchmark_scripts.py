@@ -183,3 +183,25 @@ def test_the_default_method_is_the_one_the_shipped_evidence_recommends_and_the_r
     assert default_of("method") == chosen
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"default method is `{chosen}`" in readme
+
+
+def test_rows_at_longer_budgets_are_shown_but_the_default_method_is_chosen_where_every_method_was_compared(tmp_path, monkeypatch):
+    from semiseg.methods import evidence
+
+    rng = np.random.default_rng(2)
+    base = {seed: rng.uniform(0.6, 0.8, 30) for seed in (0, 1, 2)}
+    runs = [_run("supervised", 4, seed, list(base[seed]), iterations) for seed in (0, 1, 2) for iterations in (1000, 3000)]
+    runs += [_run("cps", 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2)]
+    runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.01)) for seed in (0, 1, 2)]
+    runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.05), 3000) for seed in (0, 1, 2)]  # best Dice, but at 3000 only
+    benchmark = _benchmark()
+    monkeypatch.setattr(benchmark, "relative_times", lambda: {"supervised": 1.0, "cps": 4.6, "mean-teacher": 2.6})
+    target = tmp_path / "method_evidence.json"
+    benchmark.write_method_evidence(runs, target)
+    monkeypatch.setattr(evidence, "_evidence", lambda: json.loads(target.read_text()))
+    assert [(row.labeled, row.iterations) for row in evidence.measured("mean-teacher")] == [(4, 1000), (4, 3000)]
+    assert [row.iterations for row in evidence.measured("mean-teacher", 1000)] == [1000]
+    assert evidence.recommended_method() == "cps"
+    assert "; 4 labeled at 3000 iterations: Dice " in evidence.describe("mean-teacher")
+    assert "+0.050 vs supervised (p=" in evidence.describe("mean-teacher").split("at 3000 iterations")[1]
+    assert [method for method, _, _ in evidence.overview()] == ["cps", "mean-teacher", "supervised"]

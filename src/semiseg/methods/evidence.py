@@ -21,6 +21,7 @@ class Measured:
     seeds: int
     dice: float
     dice_sd: float
+    iterations: int = 1000  # the training budget of these runs (and of their supervised-only pair)
     delta: float | None = None  # mean per-case Dice minus supervised-only's, over the seeds both have
     p_value: float | None = None  # Wilcoxon signed-rank over the validation cases
     better_cases: str | None = None  # e.g. "31/40"
@@ -44,10 +45,16 @@ def benchmark_note() -> str:
     return _evidence().get("setting", "")
 
 
-def measured(method: str) -> list[Measured]:
-    """The method's rows, fewest labels first; empty when it was not benchmarked."""
-    rows = _evidence().get("methods", {}).get(method, {}).get("rows", [])
-    return sorted((Measured(**row) for row in rows), key=lambda row: row.labeled)
+def compared_budget() -> int:
+    """The iteration budget every method was compared at; rows at other budgets are the budget study."""
+    return _evidence().get("iterations", 1000)
+
+
+def measured(method: str, iterations: int | None = None) -> list[Measured]:
+    """The method's rows (only those at `iterations`, if given), fewest labels then shortest budget first; empty
+    when it was not benchmarked."""
+    rows = (Measured(**row) for row in _evidence().get("methods", {}).get(method, {}).get("rows", []))
+    return sorted((row for row in rows if iterations in (None, row.iterations)), key=lambda row: (row.labeled, row.iterations))
 
 
 def relative_time(method: str) -> float | None:
@@ -66,16 +73,16 @@ def _beats(seeds: int, delta: float | None, p_value: float | None) -> bool:
 
 
 def recommended_method() -> str:
-    """The default method, chosen by the evidence: at the scarcest labeled count measured for
-    supervised-only, the method with the best mean Dice among those that beat supervised-only there
-    (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more, at the method's default options) and,
-    where supervised-only was also trained as long as the method takes (over MIN_SEEDS seeds), beat that too;
-    supervised-only when none does."""
-    methods = _evidence().get("methods", {})
-    scarce = min((row["labeled"] for row in methods.get("supervised", {}).get("rows", [])), default=None)
+    """The default method, chosen by the evidence at the budget every method was compared at: at the scarcest
+    labeled count measured for supervised-only, the method with the best mean Dice among those that beat
+    supervised-only there (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more, at the method's
+    default options) and, where supervised-only was also trained as long as the method takes (over MIN_SEEDS
+    seeds), beat that too; supervised-only when none does."""
+    methods, budget = _evidence().get("methods", {}), compared_budget()
+    scarce = min((row.labeled for row in measured("supervised", budget)), default=None)
     best, best_dice = "supervised", -1.0
     for name in methods:
-        for row in measured(name):
+        for row in measured(name, budget):
             significant = (row.labeled == scarce and not row.options and _beats(row.seeds, row.delta, row.p_value)
                            and (row.equal_time is None or row.equal_time["seeds"] < MIN_SEEDS or _beats(**{k: row.equal_time[k] for k in ("seeds", "delta", "p_value")})))
             if significant and row.dice > best_dice:
@@ -87,7 +94,8 @@ def describe(method: str) -> str:
     """One line: Dice per labeled count with the difference to supervised-only, and the relative time."""
     parts = []
     for row in measured(method):
-        on = "" if row.network == "vnet" else f" on {row.network}"
+        on = "" if row.iterations == compared_budget() else f" at {row.iterations} iterations"
+        on += "" if row.network == "vnet" else f" on {row.network}"
         if row.options:
             on += " with " + ", ".join(f"{key}={value}" for key, value in row.options.items())
         text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
@@ -105,10 +113,10 @@ def describe(method: str) -> str:
 
 def overview() -> list[tuple[str, str, str]]:
     """(method, Dice per labeled count with the difference to supervised-only, relative time) for every
-    benchmarked method, best Dice at the fewest labels first: the trade-off at one glance."""
+    benchmarked method at the compared budget, best Dice at the fewest labels first: the trade-off at one glance."""
     rows = []
     for method in _evidence().get("methods", {}):
-        measured_rows = measured(method)
+        measured_rows = measured(method, compared_budget())
         if not measured_rows:
             continue
         dice = ", ".join(f"{row.dice:.3f}" + (f" ({row.delta:+.3f})" if row.delta is not None else "") + f" @{row.labeled}"

@@ -76,7 +76,7 @@ class TrainWidget(QWidget):
                                      "left out of the losses and the metrics")
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 1_000_000)
-        self.iterations.setValue(default_of("iterations"))  # the budget the shipped evidence was measured at
+        self.iterations.setValue(default_of("iterations"))  # semiseg train's default, set by the budget study
         self.validate_every = QSpinBox()
         self.validate_every.setRange(1, 1_000_000)
         self.validate_every.setValue(50)
