@@ -315,15 +315,15 @@ def equal_time_budgets(groups: dict[tuple, list[dict]], key: tuple, times: dict[
     return needed, budgets[0] if budgets else None
 
 
-def equal_time_lines(runs: list[dict], iterations: int = 1000) -> list[str]:
-    """Each VNet method at the default budget against supervised-only given at least the same training time."""
+def equal_time_lines(runs: list[dict]) -> list[str]:
+    """Each VNet method, at each budget it was run at, against supervised-only given at least the same training time."""
     groups, times = comparison_groups(runs), relative_times()
     lines = []
-    for key in sorted(groups, key=lambda k: (k[2], k[3])):
-        budgets = equal_time_budgets(groups, key, times) if key[1] == iterations else None
+    for key in sorted(groups, key=lambda k: (k[1], k[2], k[3])):
+        budgets = equal_time_budgets(groups, key, times)
         if budgets is None:
             continue
-        (network, _, count, method, _), (needed, budget) = key, budgets
+        (network, iterations, count, method, _), (needed, budget) = key, budgets
         paired = paired_with_supervised(groups, key, budget) if budget else None
         dice = np.mean([r["dice_mean"] for r in groups[key]])
         if paired:
@@ -333,16 +333,16 @@ def equal_time_lines(runs: list[dict], iterations: int = 1000) -> list[str]:
                      paired["better_cases"]]
         else:
             cells = [f"≥ {needed}: not run yet", "", "", "", ""]
-        lines.append(f"| {count} | {method} | {times[method]:.1f}x | {dice:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {count} | {method} | {iterations} | {times[method]:.1f}x | {dice:.4f} | " + " | ".join(cells) + " |")
     if not lines:
         return []
     return ["", "## Against supervised-only trained as long (equal wall-clock)", "",
-            f"Each method at {iterations} iterations against supervised-only on the same network and labeled count, given at least",
-            "the method's training time: the method's time per iteration relative to supervised-only (throughput.md,",
-            f"`{EVIDENCE_THROUGHPUT_TABLE}`, one thread, nothing else running) times {iterations}, rounded up to a supervised budget",
-            "that was run. Δ and p as above, over the seeds both have.", "",
-            "| labeled | method | time/iter vs supervised | Dice | supervised iterations | supervised Dice | Δ vs supervised | p | better |",
-            "|---|---|---|---|---|---|---|---|---|", *lines]
+            "Each method against supervised-only on the same network and labeled count, given at least the method's",
+            "training time: the method's time per iteration relative to supervised-only (throughput.md,",
+            f"`{EVIDENCE_THROUGHPUT_TABLE}`, one thread, nothing else running) times its iterations, rounded up to a",
+            "supervised budget that was run. Δ and p as above, over the seeds both have.", "",
+            "| labeled | method | iterations | time/iter vs supervised | Dice | supervised iterations | supervised Dice | Δ vs supervised | p | better |",
+            "|---|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000) -> None:

@@ -81,13 +81,18 @@ def test_equal_time_pairs_each_method_with_supervised_trained_at_least_as_long(m
     runs = [_run("supervised", 4, seed, list(base[seed])) for seed in (0, 1, 2)]
     runs += [_run("supervised", 4, seed, list(base[seed] + 0.03), iterations) for seed in (0, 1) for iterations in (3000, 6000)]
     runs += [_run(method, 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2) for method in ("cps", "mean-teacher")]
-    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+    runs += [_run("cps", 4, seed, list(base[seed] + 0.04), 3000) for seed in (0, 1)]
+    rows = {tuple(c.strip() for c in line.split("|")[2:4]): [c.strip() for c in line.strip("|").split("|")]
             for line in benchmark.equal_time_lines(runs) if line.startswith("| 4 |")}
     # cps needs 4600 supervised iterations: the 6000 runs; mean-teacher 2600: the 3000 runs; over the 2 seeds both have.
-    assert rows["cps"][2:5] == ["4.6x", f"{np.mean([np.mean(base[s] + 0.02) for s in base]):.4f}", "6000"]
-    assert rows["mean-teacher"][4] == "3000" and rows["mean-teacher"][6] == "-0.0100 (2 seeds)" and rows["mean-teacher"][8] == "0/30"
+    assert rows["cps", "1000"][3:6] == ["4.6x", f"{np.mean([np.mean(base[s] + 0.02) for s in base]):.4f}", "6000"]
+    assert rows["mean-teacher", "1000"][5] == "3000" and rows["mean-teacher", "1000"][7] == "-0.0100 (2 seeds)"
+    assert rows["mean-teacher", "1000"][9] == "0/30"
+    # Each longer budget gets its own row: cps at 3000 needs 13800, which was not run.
+    assert "≥ 13800: not run yet" in rows["cps", "3000"] and ("supervised", "3000") not in rows
     runs = [r for r in runs if r["iterations"] != 6000]
-    rows = {line.split("|")[2].strip(): line for line in benchmark.equal_time_lines(runs) if line.startswith("| 4 |")}
+    rows = {line.split("|")[2].strip(): line for line in benchmark.equal_time_lines(runs) if line.startswith("| 4 | cps | 1000") or
+            line.startswith("| 4 | mean-teacher | 1000")}
     assert "≥ 4600: not run yet" in rows["cps"] and "3000" in rows["mean-teacher"]
 
 
