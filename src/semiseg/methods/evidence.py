@@ -76,7 +76,7 @@ def recommended_method() -> str:
     """The default method, chosen by the evidence at the budget every method was compared at: at the scarcest
     labeled count measured for supervised-only, the method with the best mean Dice among those that beat
     supervised-only there (higher mean per-case Dice, p < SIGNIFICANCE, MIN_SEEDS seeds or more, at the method's
-    default options) and, where supervised-only was also trained as long as the method takes (over MIN_SEEDS
+    default options) and, where supervised-only was also given the method's training time (over MIN_SEEDS
     seeds), beat that too; supervised-only when none does."""
     methods, budget = _evidence().get("methods", {}), compared_budget()
     scarce = min((row.labeled for row in measured("supervised", budget)), default=None)
@@ -102,7 +102,7 @@ def describe(method: str) -> str:
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
         if row.equal_time:
-            text += (f", {row.equal_time['delta']:+.3f} vs supervised trained as long "
+            text += (f", {row.equal_time['delta']:+.3f} vs supervised given its time "
                      f"({row.equal_time['supervised_iterations']} iterations, p={row.equal_time['p_value']:.2g})")
         parts.append(text)
     time = relative_time(method)
