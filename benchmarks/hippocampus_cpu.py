@@ -217,6 +217,10 @@ def paired_with_supervised(groups: dict[tuple, list[dict]], key: tuple, supervis
     return {**paired, "gap_closed": float(paired["delta"] / gap) if gap and gap > 0 else None}
 
 
+def seed_count(count: int) -> str:
+    return f"{count} seed" + ("s" if count != 1 else "")
+
+
 def paired_difference(ours: list[dict], reference: list[dict]) -> dict | None:
     """Two groups of seeded runs over the seeds both have: Δ of the seed-averaged per-case Dice, Wilcoxon
     signed-rank p over the cases and cases better; None when they share no seed."""
@@ -252,7 +256,7 @@ def comparison_lines(runs: list[dict]) -> list[str]:
         cells = ["", "", "", ""]
         paired = paired_with_supervised(groups, key)
         if paired:
-            cells = [f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}", paired["better_cases"],
+            cells = [f"{paired['delta']:+.4f} ({seed_count(paired['seeds'])})", f"{paired['p_value']:.3g}", paired["better_cases"],
                      f"{paired['gap_closed']:.0%}" if paired["gap_closed"] is not None else ""]
         name = method + (f" ({variant})" if variant else "")
         lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f} ± {np.std(dice):.4f} | "
@@ -275,7 +279,7 @@ def budget_lines(runs: list[dict], base: int = 1000) -> list[str]:
         for b in budgets:
             paired = paired_difference(runs_at[b], runs_at[base]) if b in runs_at and b != base else None
             if paired:
-                longer.append(f"{b}: {paired['delta']:+.4f}, p {paired['p_value']:.2g}, {paired['better_cases']} ({paired['seeds']} seeds)")
+                longer.append(f"{b}: {paired['delta']:+.4f}, p {paired['p_value']:.2g}, {paired['better_cases']} ({seed_count(paired['seeds'])})")
         lines.append(f"| {count} | {method} | " + " | ".join(dice) + " | " + "; ".join(longer) + " |")
     if not lines:
         return []
@@ -334,7 +338,7 @@ def equal_time_lines(runs: list[dict]) -> list[str]:
         if paired:
             reference = groups[(network, budget, count, "supervised", "")]
             supervised = np.mean([r["dice_mean"] for r in reference if r["seed"] in {g["seed"] for g in groups[key]}])
-            cells = [str(budget), f"{supervised:.4f}", f"{paired['delta']:+.4f} ({paired['seeds']} seeds)", f"{paired['p_value']:.3g}",
+            cells = [str(budget), f"{supervised:.4f}", f"{paired['delta']:+.4f} ({seed_count(paired['seeds'])})", f"{paired['p_value']:.3g}",
                      paired["better_cases"]]
         else:
             cells = [f"≥ {needed}: not run yet", "", "", "", ""]
