@@ -54,6 +54,7 @@ def test_the_isotropic_hippocampus_pools_every_axis_alike():
     assert all(side % 16 == 0 for side in plan.patch_size)
 
 
+@pytest.mark.skipif(not DICOM.is_dir(), reason="needs ../shared/data")
 def test_the_dicom_series_keeps_its_2_mm_slices_unpooled_at_the_first_stage():
     dataset = Dataset(str(DICOM.parent), "test", [Case("ct", str(DICOM))], {0: "background", 1: "body"}, "CT")
     plan = compute_plan(dataset, Split(["ct"], [], [], 0), 16, per_axis_pooling=True)
