@@ -38,6 +38,7 @@ DATA = ROOT.parent / "shared" / "data" / "hippocampus"
 EVIDENCE_THROUGHPUT_TABLE = "hippocampus-1-thread"  # throughput.py --table whose rows give the relative times
 EVIDENCE = ROOT / "src" / "semiseg" / "data" / "method_evidence.json"  # package data read by semiseg.methods.evidence
 TRAINING_CASES = 160  # of the 200, after the 40 validation cases
+COMPARED_ITERATIONS = 1000  # the budget every method ran at; the recommended method is chosen there
 NOTES_MARKER = "<!-- notes: text below this line is kept when the table is rendered again -->"
 
 
@@ -355,7 +356,7 @@ def equal_time_lines(runs: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|", *lines]
 
 
-def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = 1000) -> None:
+def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations: int = COMPARED_ITERATIONS) -> None:
     """semiseg/data/method_evidence.json: what `semiseg methods` and the Train widget show per method, from the
     seeded comparison, each method on the network it trains on by default (its paper's), with its pair trained as
     long as it where that was run, and from throughput.py's one-thread hippocampus table. `iterations` is the budget
@@ -389,35 +390,57 @@ def write_method_evidence(runs: list[dict], target: Path = EVIDENCE, iterations:
     target.write_text(json.dumps({"setting": setting, "iterations": iterations, "methods": methods}, indent=1) + "\n")
 
 
+def count_plot_panels(lines: dict[tuple, dict]) -> list[tuple[str, dict[tuple, dict]]]:
+    """The Dice-vs-count plot's two panels from its lines keyed (method, network, iterations): every method at the
+    compared budget, then every budget of the methods that ran at more than one."""
+    budgets: dict[tuple, set[int]] = {}
+    for method, network, iterations in lines:
+        budgets.setdefault((method, network), set()).add(iterations)
+    return [(f"every method, {COMPARED_ITERATIONS} iterations", {key: points for key, points in lines.items() if key[2] == COMPARED_ITERATIONS}),
+            ("training budget", {key: points for key, points in lines.items() if len(budgets[key[:2]]) > 1})]
+
+
 def plot_dice_vs_count(runs: list[dict], plt) -> None:
-    """Mean Dice over seeds against the labeled count, seeds' sd as error bars; one line per method, network and budget."""
+    """Mean Dice over seeds against the labeled count, seeds' sd as error bars. Left: every method at the budget all
+    were compared at, one line per method and network; right: the methods run at several budgets, one line per
+    method and budget. One figure with every line was unreadable."""
     lines: dict[tuple, dict[int, list[float]]] = {}
     for (network, iterations, count, method, variant), group in comparison_groups(runs).items():
         if not variant:
             lines.setdefault((method, network, iterations), {})[count] = [r["dice_mean"] for r in group]
     if not lines:
         return
-    figure, axis = plt.subplots(figsize=(8, 5))
-    # one colour per method and network (supervised-only, the reference, black; grey on other networks), one line style
-    # and marker per budget; each line nudged sideways so error bars stay apart
+    # one colour per method and network in both panels (supervised-only, the reference, black; grey on other networks)
     pairs = sorted({(method, network) for method, network, _ in lines if method != "supervised"})
     colours = dict(zip(pairs, plt.get_cmap("tab10" if len(pairs) <= 10 else "tab20").colors))
     colours.update({("supervised", network): "black" if network == "vnet" else "grey" for method, network, _ in lines})
     budgets = sorted({iterations for _, _, iterations in lines})
     styles, markers = dict(zip(budgets, ("-", "--", ":", "-."))), dict(zip(budgets, "os^vD"))
-    for index, ((method, network, iterations), points) in enumerate(sorted(lines.items())):
-        counts = sorted(points)
-        nudge = 1 + 0.012 * (index - len(lines) / 2)
-        axis.errorbar([c * nudge for c in counts], [np.mean(points[c]) for c in counts], yerr=[np.std(points[c]) for c in counts],
-                      marker=markers.get(iterations, "o"), markersize=5, capsize=3, color=colours[(method, network)],
-                      linestyle=styles.get(iterations, "-"),
-                      label=f"{method} ({network}, {iterations} it)")
-    axis.set_xscale("log")
-    ticks = sorted({c for points in lines.values() for c in points})
-    axis.minorticks_off()  # a log axis would label minor ticks like 6x10^0
-    axis.set_xticks(ticks, [str(c) for c in ticks])
-    axis.set_xlabel("labeled training cases (of 160; the rest unlabeled)")
-    _finish_plot(figure, axis, "Hippocampus, CPU: Dice vs labeled count (mean ± sd over seeds)", "hippocampus_cpu_counts.png")
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for axis, (title, shown) in zip(axes, count_plot_panels(lines)):
+        for index, ((method, network, iterations), points) in enumerate(sorted(shown.items())):
+            counts = sorted(points)
+            nudge = 1 + 0.015 * (index - len(shown) / 2)  # lines nudged sideways so error bars stay apart
+            x, y = [c * nudge for c in counts], [np.mean(points[c]) for c in counts]
+            marker, colour = markers.get(iterations, "o"), colours[(method, network)]
+            axis.errorbar(x, y, yerr=[np.std(points[c]) for c in counts], marker=marker, markersize=5, capsize=3, color=colour,
+                          linestyle=styles.get(iterations, "-"), label=f"{method} ({network}, {iterations} it)")
+            few = [i for i, c in enumerate(counts) if len(points[c]) < 3]  # hollow: a trial, not a comparison
+            axis.plot([x[i] for i in few], [y[i] for i in few], linestyle="none", marker=marker, markersize=5,
+                      markerfacecolor="white", markeredgecolor=colour, zorder=3)
+        axis.set_xscale("log")
+        ticks = sorted({c for points in shown.values() for c in points})
+        axis.minorticks_off()  # a log axis would label minor ticks like 6x10^0
+        axis.set_xticks(ticks, [str(c) for c in ticks])
+        axis.set_xlabel("labeled training cases (of 160; the rest unlabeled)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0].set_ylabel("validation Dice (mean over classes)")
+    figure.suptitle("Hippocampus, CPU: Dice vs labeled count (mean ± sd over 3 seeds; hollow marker: fewer seeds)")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "hippocampus_cpu_counts.png", dpi=110)
+    plt.close(figure)
 
 
 def _finish_plot(figure, axis, title: str, file_name: str) -> None:

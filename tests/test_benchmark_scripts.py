@@ -115,6 +115,15 @@ def test_budget_table_pairs_each_longer_budget_with_the_same_method_at_the_base_
     assert rows["cps"][3] == "" and rows["cps"][5].startswith("6000: -0.0200, p ") and rows["cps"][5].endswith("0/30 (3 seeds)")
 
 
+def test_count_plot_shows_every_method_at_the_compared_budget_and_the_budget_study_apart():
+    module = _benchmark()
+    lines = {(method, "vnet", iterations): {4: [0.8], 16: [0.84]}
+             for method, iterations in [("supervised", 1000), ("supervised", 3000), ("cps", 1000), ("cps", 6000), ("sscl", 1000)]}
+    (_, every_method), (_, budget_study) = module.count_plot_panels(lines)
+    assert set(every_method) == {("supervised", "vnet", 1000), ("cps", "vnet", 1000), ("sscl", "vnet", 1000)}
+    assert set(budget_study) == set(lines) - {("sscl", "vnet", 1000)}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_refuses_clearly_without_cuda_and_writes_nothing(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--out", str(tmp_path / "results")],
