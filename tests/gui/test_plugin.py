@@ -17,7 +17,7 @@ from napari.layers import Image, Labels  # noqa: E402
 from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from semiseg.checkpoint import read_meta  # noqa: E402
-from semiseg.io import Volume, read_volume  # noqa: E402
+from semiseg.io import Volume, read_volume, strip_suffix  # noqa: E402
 from semiseg.metrics import case_metrics  # noqa: E402
 from semiseg.finetuning import guard_cases, replay_cases  # noqa: E402
 from semiseg.models import load_model, read_record  # noqa: E402
@@ -577,15 +577,26 @@ def test_a_two_channel_model_through_segment_finetune_and_review(make_napari_vie
     wait_job(qtbot, review)
     entries = review.queue.entries
     assert sorted(e.name for e in entries) == sorted(CASES[:3]) and all(e.score is not None for e in entries), entries
+    before = list(viewer.layers)
     click(qtbot, review.open_next)
     opened = entries[0].name
-    assert isinstance(viewer.layers[f"{opened}_0000"], Image) and isinstance(viewer.layers[f"{opened}_0001"], Image)
-    # Segment follows the active layer to the opened scan: its channel files by name fill the scan and ADC rows
-    qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is viewer.layers[f"{opened}_0001"], timeout=5_000)
-    assert widget.image.layer() is viewer.layers[f"{opened}_0000"]
+    # Its two channel files, as two new image layers (named 'case_0000 [1]' by napari where that case is open already)
+    review_scan, review_adc = [layer for layer in viewer.layers if layer not in before and layer.metadata.get("role") == "image"]
+    assert [strip_suffix(layer.metadata["source_path"]) for layer in (review_scan, review_adc)] == [f"{opened}_0000", f"{opened}_0001"]
+    # Segment follows the active layer to the opened scan: its channel files fill the scan and ADC rows, never
+    # the layers of an earlier opening of the same case
+    qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is review_adc, timeout=5_000)
+    assert widget.image.layer() is review_scan
     scan_files = [root / "imagesTr" / f"{opened}_{channel}.nii.gz" for channel in ("0000", "0001")]
     expected = predict_volume(read_scan(scan_files), load_model(new).plan, load_model(new).predictors(), torch.device("cpu")).labels.array
-    np.testing.assert_array_equal(np.asarray(viewer.layers[f"{opened}_0000 prediction"].data), expected)
+    np.testing.assert_array_equal(np.asarray(viewer.layers[f"{review_scan.name} prediction"].data), expected)
+
+    # The first case's channel files opened once more: each copy of the scan takes the ADC layer opened with it
+    again = viewer.open(str(files[0]), plugin=PLUGIN)[0]
+    again_adc = viewer.open(str(files[1]), plugin=PLUGIN)[0]
+    qtbot.waitUntil(lambda: widget.image.layer() is again and widget.channels.rows[0][1].layer() is again_adc, timeout=5_000)
+    widget.image.set_layer(t2)
+    qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is adc, timeout=5_000)
 
 
 # Fine-tune --------------------------------------------------------------------------------------------

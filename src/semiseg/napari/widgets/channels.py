@@ -4,23 +4,32 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from napari.layers import Image
 
 from semiseg.errors import InputError
-from semiseg.io import Volume, stack_channels
+from semiseg.io import Volume, stack_channels, strip_suffix
 from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.layers import volume_from_layer
 from semiseg.napari.widgets.common import LayerChoice, later
 from semiseg.napari.widgets.display import is_scan
 
+_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")  # nnU-Net's channel files: case_0000, case_0001, ...
+
 
 def channel_of(layer) -> tuple[tuple[str, str], int] | None:
     """Which scan a layer is a channel of, and which channel: its 4D file's (recorded by the reader), else
-    its nnU-Net channel-file name (case_0001 -> case, 1); None for neither."""
+    its nnU-Net channel file's name (folder/case_0001.nii.gz -> folder/case, 1), else its layer name
+    (case_0001 -> case, 1); None for none. The file comes before the layer name, which napari changes
+    ('case_0001 [1]') when the same file is opened twice."""
+    source = layer.metadata.get("source_path")
     if "channel" in layer.metadata:
-        return ("file", str(layer.metadata.get("source_path"))), int(layer.metadata["channel"])
-    named = re.fullmatch(r"(.+)_(\d{4})", layer.name)
+        return ("file", str(source)), int(layer.metadata["channel"])
+    if source:
+        named = _CHANNEL_FILE.fullmatch(strip_suffix(source))
+        return (("files", str(Path(source).parent / named[1])), int(named[2])) if named else None
+    named = _CHANNEL_FILE.fullmatch(layer.name)
     return (("name", named[1]), int(named[2])) if named else None
 
 
@@ -89,9 +98,14 @@ class ChannelRows:
 
     def _sibling(self, scan, index: int):
         """The layer of channel `index` of the same scan as `scan`, if open: read from the same 4D file, or
-        named as nnU-Net names channel files (case_0000, case_0001, ...)."""
+        named as nnU-Net names channel files (case_0000, case_0001, ...). Of a scan opened twice, the copy
+        nearest the scan in the layer list: the one opened with it."""
         scan_of = channel_of(scan)
-        return next((layer for layer in self.scan.layers() if scan_of is not None and channel_of(layer) == (scan_of[0], index)), None)
+        if scan_of is None:
+            return None
+        siblings = [layer for layer in self.scan.layers() if channel_of(layer) == (scan_of[0], index)]
+        position = {id(layer): number for number, layer in enumerate(self.viewer.layers)}
+        return min(siblings, key=lambda layer: abs(position.get(id(layer), 0) - position.get(id(scan), 0)), default=None)
 
     def volume(self, scan) -> Volume:
         """The scan layer, stacked with the layers chosen for the model's other channels; a channel
