@@ -25,7 +25,7 @@ from semiseg.io import is_dicom_folder, strip_suffix, volume_suffix
 
 LA_FILE = "mri_norm2.h5"
 LA_CLASS_NAMES = {0: "background", 1: "left atrium"}
-_CHANNEL = re.compile(r"_(\d{4})$")
+_CHANNEL = re.compile(r"(.+)_(\d{4})")
 
 
 @dataclass
@@ -122,6 +122,12 @@ def _unlabeled_in(folder: Path) -> list[Case]:
     return cases
 
 
+def channel_name(stem: str) -> tuple[str, int] | None:
+    """A name as nnU-Net names channel files, split: "case_0001" -> ("case", 1); None for another name."""
+    match = _CHANNEL.fullmatch(stem)
+    return (match[1], int(match[2])) if match else None
+
+
 def _case_id(path: Path, stems: set[str] = frozenset(), labels: set[str] = frozenset()) -> tuple[str, int]:
     """Case id and channel index from an nnU-Net style name ("case_0000.nii.gz" -> ("case", 0)).
 
@@ -130,13 +136,13 @@ def _case_id(path: Path, stems: set[str] = frozenset(), labels: set[str] = froze
     alone, or beside a label "case_0001", is a case id of its own.
     """
     stem = strip_suffix(path)
-    match = _CHANNEL.search(stem)
-    if match is None:
+    named = channel_name(stem)
+    if named is None:
         return stem, 0
-    base = stem[: match.start()]
+    base, channel = named
     if stem in labels or (f"{base}_0000" not in stems and stem != f"{base}_0000"):
         return stem, 0
-    return base, int(match.group(1))
+    return base, channel
 
 
 def files_by_case(paths: list[Path], folder: Path, labels: set[str] = frozenset()) -> dict[str, list[Path]]:

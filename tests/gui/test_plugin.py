@@ -595,6 +595,12 @@ def test_a_two_channel_model_through_segment_finetune_and_review(make_napari_vie
     again = viewer.open(str(files[0]), plugin=PLUGIN)[0]
     again_adc = viewer.open(str(files[1]), plugin=PLUGIN)[0]
     qtbot.waitUntil(lambda: widget.image.layer() is again and widget.channels.rows[0][1].layer() is again_adc, timeout=5_000)
+    # and a third copy right after it: the ADC layers before and after it are equally near; its own comes after it
+    third = viewer.open(str(files[0]), plugin=PLUGIN)[0]
+    third_adc = viewer.open(str(files[1]), plugin=PLUGIN)[0]
+    qtbot.waitUntil(lambda: widget.image.layer() is third and widget.channels.rows[0][1].layer() is third_adc, timeout=5_000)
+    widget.image.set_layer(again)
+    qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is again_adc, timeout=5_000)
     widget.image.set_layer(t2)
     qtbot.waitUntil(lambda: widget.channels.rows[0][1].layer() is adc, timeout=5_000)
 

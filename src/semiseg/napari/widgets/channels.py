@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from napari.layers import Image
 
+from semiseg.datasets import channel_name
 from semiseg.errors import InputError
 from semiseg.io import Volume, stack_channels, strip_suffix
 from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.layers import volume_from_layer
 from semiseg.napari.widgets.common import LayerChoice, later
 from semiseg.napari.widgets.display import is_scan
-
-_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")  # nnU-Net's channel files: case_0000, case_0001, ...
 
 
 def channel_of(layer) -> tuple[tuple[str, str], int] | None:
@@ -27,10 +25,10 @@ def channel_of(layer) -> tuple[tuple[str, str], int] | None:
     if "channel" in layer.metadata:
         return ("file", str(source)), int(layer.metadata["channel"])
     if source:
-        named = _CHANNEL_FILE.fullmatch(strip_suffix(source))
-        return (("files", str(Path(source).parent / named[1])), int(named[2])) if named else None
-    named = _CHANNEL_FILE.fullmatch(layer.name)
-    return (("name", named[1]), int(named[2])) if named else None
+        named = channel_name(strip_suffix(source))
+        return (("files", str(Path(source).parent / named[0])), named[1]) if named else None
+    named = channel_name(layer.name)
+    return (("name", named[0]), named[1]) if named else None
 
 
 class ChannelRows:
@@ -99,13 +97,18 @@ class ChannelRows:
     def _sibling(self, scan, index: int):
         """The layer of channel `index` of the same scan as `scan`, if open: read from the same 4D file, or
         named as nnU-Net names channel files (case_0000, case_0001, ...). Of a scan opened twice, the copy
-        nearest the scan in the layer list: the one opened with it."""
+        opened with it: a file's channels are added in order, so the nearest on the side its index says."""
         scan_of = channel_of(scan)
         if scan_of is None:
             return None
         siblings = [layer for layer in self.scan.layers() if channel_of(layer) == (scan_of[0], index)]
         position = {id(layer): number for number, layer in enumerate(self.viewer.layers)}
-        return min(siblings, key=lambda layer: abs(position.get(id(layer), 0) - position.get(id(scan), 0)), default=None)
+
+        def remoteness(layer) -> tuple[bool, int]:
+            offset = position.get(id(layer), 0) - position.get(id(scan), 0)
+            return (offset > 0) != (index > scan_of[1]), abs(offset)
+
+        return min(siblings, key=remoteness, default=None)
 
     def volume(self, scan) -> Volume:
         """The scan layer, stacked with the layers chosen for the model's other channels; a channel
