@@ -462,6 +462,61 @@ def test_segment_adds_prediction_uncertainty_error_map_and_metrics(make_napari_v
     assert f"{image.name} prediction [1]" in viewer.layers
 
 
+def form_rows_cut(widget) -> list[str]:
+    """The rows of a widget's form drawn shorter than their content needs, or over the next row."""
+    from qtpy.QtWidgets import QFormLayout
+
+    rows = widget.findChildren(QFormLayout)[0]
+    fields = [rows.itemAt(row, QFormLayout.ItemRole.FieldRole) for row in range(rows.rowCount())]
+    fields = [item.widget() for item in fields if item is not None and item.widget() is not None and item.widget().isVisible()]
+    cut = []
+    for field, below in zip(fields, fields[1:] + [None]):
+        needed = field.heightForWidth(field.width()) if field.hasHeightForWidth() else field.minimumSizeHint().height()
+        if field.height() < needed:
+            cut.append(f"{type(field).__name__} {field.height()} px of {needed}")
+        if below is not None and field.geometry().bottom() >= below.geometry().top():
+            cut.append(f"{type(field).__name__} overlaps {type(below).__name__}")
+    return cut
+
+
+def test_two_widgets_in_one_dock_column_keep_whole_rows_and_the_window_on_screen(make_napari_viewer, qtbot, checkpoint, case_paths):
+    """Segment, then Review queue, docked in one column as a user opens them from the menu: every form row
+    keeps its height (a model description of two lines once overlapped the Model row), the start buttons
+    stay in view, and a segmented scan's metrics, volumes and regions scroll inside the dock instead of
+    growing the window off the screen."""
+    from qtpy.QtWidgets import QApplication
+
+    from semiseg.napari.widgets.review import ReviewWidget
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1280, 760)
+    image, label = open_case(viewer, case_paths)
+    segment = segment_widget(viewer, checkpoint)
+    QApplication.processEvents()
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review queue")
+    qtbot.waitUntil(lambda: review.isVisible() and review.height() > 0, timeout=5_000)
+    QApplication.processEvents()
+    description = segment.model.info
+    assert description.heightForWidth(description.width()) > 1.5 * description.fontMetrics().height(), "it wraps at this width"
+    assert form_rows_cut(segment) == [] and form_rows_cut(review) == []
+
+    segment.image.set_layer(image)
+    segment.reference.set_layer(label)
+    click(qtbot, segment.buttons.start)
+    wait_job(qtbot, segment)
+    qtbot.waitUntil(lambda: segment.table.isVisible() and segment.regions.isVisible(), timeout=5_000)
+    QApplication.processEvents()
+    screen = window.screen().availableGeometry().height()
+    assert window.height() <= screen and window.minimumSizeHint().height() <= screen, (window.height(), screen)
+    assert segment.verticalScrollBar().maximum() > 0  # the results scroll; the rows above them stay whole
+    assert form_rows_cut(segment) == [] and form_rows_cut(review) == []
+    for widget in (segment, review):  # the start button stays in view, the rows above it whole
+        start = widget.buttons.start
+        assert start.visibleRegion().boundingRect().height() == start.height(), type(widget).__name__
+
+
 def test_segment_cancel_and_user_errors(make_napari_viewer, qtbot, checkpoint, case_paths, messages):
     viewer = make_napari_viewer()
     widget = segment_widget(viewer, checkpoint)

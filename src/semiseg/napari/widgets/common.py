@@ -1,4 +1,4 @@
-"""Small Qt pieces the widgets share: a layer picker, a device picker, a folder field, a form, the
+"""Small Qt pieces the widgets share: a scrolling dock panel, a layer picker, a device picker, a folder field, a form, the
 start/cancel/progress row of a job, a background-job runner and a Dice sparkline."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QObject, QPointF, Qt, QTimer, Signal
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtCore import QEvent, QObject, QPointF, QSize, Qt, QTimer, Signal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF, QResizeEvent
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
@@ -32,6 +33,9 @@ from semiseg.errors import SemisegError
 from semiseg.napari.jobs import Cancelled
 from semiseg.napari.layers import class_colors
 from semiseg.napari.widgets.formatting import volume_rows
+
+MINIMUM_DOCK_HEIGHT = 160  # pixels: a few rows of a form stay in view however the dock column is shared
+SCREEN_SHARE = 0.4  # of the screen's height: the most a dock's controls ask for; taller ones scroll
 
 # Pickers ------------------------------------------------------------------------------------------
 
@@ -163,6 +167,68 @@ class FolderField(QWidget):
 
 
 # Forms and job controls ---------------------------------------------------------------------------
+
+
+class DockPanel(QScrollArea):
+    """A dock widget whose rows go in `self.body` and scroll, except that the rows through `self.controls`
+    (a widget's form and its start button) keep their whole height, up to a share of the screen.
+
+    Qt's own minimum height counts one line per word-wrapped label, so with two widgets docked in one
+    column napari squeezed a form to it and drew rows over one another; and a Segment widget showing
+    metrics, volumes and regions made the window taller than a laptop screen."""
+
+    def __init__(self, takes_spare_height: bool = False, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.body = QWidget()
+        self.controls: QWidget | None = None  # the last row that must stay in view; None: all of them
+        self.setWidgetResizable(True)
+        self.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(self.body)
+        # A scroll area is Expanding; only a widget with a list to fill (review queue, export) should take
+        # a shared dock column's spare height, the others their rows' height.
+        vertical = QSizePolicy.Policy.Expanding if takes_spare_height else QSizePolicy.Policy.Preferred
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, vertical)
+        self.body.installEventFilter(self)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if watched is self.body and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # rows added, shown or rewrapped: the dock rereads the size hints below
+        return super().eventFilter(watched, event)
+
+    def rows_height(self, width: int, through: QWidget | None = None) -> int:
+        """The height the body's rows take at a width, wrapped labels counted, down to `through`."""
+        layout = self.body.layout()
+        if layout is None:
+            return self.body.sizeHint().height()
+        margins = layout.contentsMargins()
+        inner = width - margins.left() - margins.right()
+        heights = []
+        for index in range(layout.count()):
+            item = layout.itemAt(index)
+            if item.isEmpty():
+                continue
+            heights.append(item.heightForWidth(inner) if item.hasHeightForWidth() else item.sizeHint().height())
+            if through is not None and item.widget() is through:
+                break
+        return margins.top() + margins.bottom() + sum(heights) + max(layout.spacing(), 0) * max(len(heights) - 1, 0)
+
+    def sizeHint(self) -> QSize:
+        width = self.minimumSizeHint().width()
+        return QSize(width, self.rows_height(max(self.body.width(), width)))
+
+    def minimumSizeHint(self) -> QSize:
+        """As wide as the rows need (they never scroll sideways); as tall as the controls."""
+        width = self.body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+        screen = self.screen()
+        cap = int(screen.availableGeometry().height() * SCREEN_SHARE) if screen is not None else MINIMUM_DOCK_HEIGHT
+        controls = self.rows_height(max(self.body.width(), width), through=self.controls)
+        return QSize(width, max(MINIMUM_DOCK_HEIGHT, min(controls, cap)))
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        if event.size().width() != event.oldSize().width():
+            self.updateGeometry()  # labels rewrap at a new width, and the rows' height with them
 
 
 def form() -> tuple[QWidget, QFormLayout]:

@@ -7,18 +7,18 @@ from pathlib import Path
 from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QGroupBox, QHBoxLayout, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QGroupBox, QHBoxLayout, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QVBoxLayout
 
 from semiseg.errors import InputError, SemisegError
-from semiseg.napari.widgets.common import FolderField, form, status_label
+from semiseg.napari.widgets.common import DockPanel, FolderField, form, status_label
 from semiseg.napari.widgets.formatting import one_line
 
 
-class ExportWidget(QWidget):
+class ExportWidget(DockPanel):
     """Save label maps on their scans' grids, each with a sidecar JSON naming the model and its hash."""
 
     def __init__(self, napari_viewer) -> None:
-        super().__init__()
+        super().__init__(takes_spare_height=True)
         from semiseg.napari.export import EXPORT_SUFFIXES
 
         self.viewer = napari_viewer
@@ -39,7 +39,7 @@ class ExportWidget(QWidget):
         group = QGroupBox("Label layers")
         group_layout = QVBoxLayout(group)
         group_layout.addWidget(self.list)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(group, 1)
         layout.addWidget(box)
         layout.addLayout(row)

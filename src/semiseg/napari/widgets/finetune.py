@@ -20,7 +20,7 @@ from semiseg.napari.layers import labels_array, volume_from_layer
 from semiseg.napari.session import session_for
 from semiseg.napari.widgets.channels import ChannelRows
 from semiseg.napari.widgets.common import (
-    DevicePicker, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later, method_choice,
+    DevicePicker, DockPanel, FolderField, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later, method_choice,
 )
 from semiseg.napari.widgets.display import is_scan, prediction_of, scan_of, show_segmentation, user_labels, volume_columns
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
@@ -67,7 +67,7 @@ class GuardPanel(QGroupBox):
         return [[self.table.item(r, c).text() for c in range(self.table.columnCount())] for r in range(self.table.rowCount())]
 
 
-class FineTuneWidget(QWidget):
+class FineTuneWidget(DockPanel):
     """One click: save the corrected labels, fine-tune the current model on them plus a folder's
     unlabeled scans (separate process), select the new model and re-predict the scan."""
 
@@ -117,10 +117,11 @@ class FineTuneWidget(QWidget):
         self.view.on_event = self._event
         self.guard = GuardPanel()
         self.guard.use_anyway.clicked.connect(self._use_anyway)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(box)
         layout.addWidget(self.volumes)
         layout.addWidget(self.buttons)
+        self.controls = self.buttons
         layout.addWidget(self.guard)
         layout.addWidget(self.view)
         layout.addStretch(1)

@@ -5,23 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout
 
 from semiseg.errors import InputError, SemisegError
 from semiseg.napari import checkpoints, jobs
 from semiseg.napari.checkpoints import read_record_or_none
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form
+from semiseg.napari.widgets.common import DevicePicker, DockPanel, FolderField, JobButtons, ThreadJob, form
 from semiseg.napari.widgets.display import show_prediction
 from semiseg.napari.widgets.formatting import one_line
 from semiseg.napari.widgets.session_view import CheckpointPicker
 
 
-class ReviewWidget(QWidget):
+class ReviewWidget(DockPanel):
     """Predict a folder of scans, rank them most uncertain first, open the next one to review."""
 
     def __init__(self, napari_viewer) -> None:
-        super().__init__()
+        super().__init__(takes_spare_height=True)
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.job: ThreadJob | None = None
@@ -44,9 +44,10 @@ class ReviewWidget(QWidget):
         self.table.setMinimumHeight(160)
         self.open_next = QPushButton("Open next most uncertain")
         self.open_next.setEnabled(False)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(box)
         layout.addWidget(self.buttons)
+        self.controls = self.buttons
         layout.addWidget(self.table, 1)
         layout.addWidget(self.open_next)
         self.buttons.start.clicked.connect(self.rank)

@@ -9,7 +9,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QAbstractItemView, QCheckBox, QComboBox, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout
 
 from semiseg.compatibility import mismatch_warnings
 from semiseg.errors import InputError, SemisegError
@@ -18,7 +18,7 @@ from semiseg.napari import jobs
 from semiseg.napari.layers import ERROR_COLORS, ERROR_NAMES, format_metric, names_from_metadata, volume_from_layer
 from semiseg.napari.session import session_for
 from semiseg.napari.widgets.channels import ChannelRows
-from semiseg.napari.widgets.common import DevicePicker, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later
+from semiseg.napari.widgets.common import DevicePicker, DockPanel, JobButtons, LayerChoice, ThreadJob, VolumeTable, fit_height, form, grey_label, later
 from semiseg.napari.widgets.display import is_scan, show_segmentation, user_labels, volume_columns
 from semiseg.napari.widgets.formatting import duration, one_line, score_note
 from semiseg.napari.widgets.regions import RegionList
@@ -28,7 +28,7 @@ from semiseg.napari.windows import CT_WINDOWS, is_ct, window_limits, window_of
 FULL_RANGE = "full range"
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(DockPanel):
     """Segment a scan with a checkpoint; uncertainty maps; error map and metrics against a reference."""
 
     def __init__(self, napari_viewer) -> None:
@@ -72,9 +72,10 @@ class SegmentWidget(QWidget):
         self.volumes = VolumeTable()
         self.regions = RegionList(napari_viewer)
         self.prediction = None  # the prediction layer of the last segmentation
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(box)
         layout.addWidget(self.buttons)
+        self.controls = self.buttons
         layout.addWidget(self.errors)
         layout.addWidget(self.table)
         layout.addWidget(self.volumes)

@@ -13,7 +13,7 @@ from semiseg.config import default_of, parse_options
 from semiseg.errors import InputError, SemisegError
 from semiseg.napari import checkpoints
 from semiseg.napari.session import session_for
-from semiseg.napari.widgets.common import DevicePicker, FolderField, JobButtons, ThreadJob, form, grey_label, method_choice
+from semiseg.napari.widgets.common import DevicePicker, DockPanel, FolderField, JobButtons, ThreadJob, form, grey_label, method_choice
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.training_view import TrainingView
 
@@ -29,7 +29,7 @@ def measured_table(rows: list[tuple[str, str, str]]) -> str:
 MANUAL_PATCH = (64, 96, 96)
 
 
-class TrainWidget(QWidget):
+class TrainWidget(DockPanel):
     """Train a method on a dataset folder, in a separate process, with live progress and clean Cancel."""
 
     FORCE_AFTER_S = 60.0
@@ -127,9 +127,10 @@ class TrainWidget(QWidget):
         self.buttons = JobButtons("Start training")
         self.view = TrainingView(self.buttons, "training")
         self.view.on_event = self._event
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(box)
         layout.addWidget(self.buttons)
+        self.controls = self.buttons
         layout.addWidget(self.view)
         layout.addStretch(1)
         self.data.changed.connect(self._describe)
