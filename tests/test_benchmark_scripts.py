@@ -212,6 +212,7 @@ def test_rows_at_longer_budgets_are_shown_but_the_default_method_is_chosen_where
     runs += [_run("cps", 4, seed, list(base[seed] + 0.02)) for seed in (0, 1, 2)]
     runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.01)) for seed in (0, 1, 2)]
     runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.05), 3000) for seed in (0, 1, 2)]  # best Dice, but at 3000 only
+    runs += [_run("sscl", 16, seed, list(base[seed] + 0.1)) for seed in (0, 1, 2)]  # best Dice, but with 4x the labels
     benchmark = _benchmark()
     monkeypatch.setattr(benchmark, "relative_times", lambda: {"supervised": 1.0, "cps": 4.6, "mean-teacher": 2.6})
     target = tmp_path / "method_evidence.json"
@@ -220,6 +221,6 @@ def test_rows_at_longer_budgets_are_shown_but_the_default_method_is_chosen_where
     assert [(row.labeled, row.iterations) for row in evidence.measured("mean-teacher")] == [(4, 1000), (4, 3000)]
     assert [row.iterations for row in evidence.measured("mean-teacher", 1000)] == [1000]
     assert evidence.recommended_method() == "cps"
-    assert "; 4 labeled at 3000 iterations: Dice " in evidence.describe("mean-teacher")
+    assert "\n4 labeled at 3000 iterations: Dice " in evidence.describe("mean-teacher")
     assert "+0.050 vs supervised (p=" in evidence.describe("mean-teacher").split("at 3000 iterations")[1]
-    assert [method for method, _, _ in evidence.overview()] == ["cps", "mean-teacher", "supervised"]
+    assert [method for method, _, _ in evidence.overview()] == ["cps", "mean-teacher", "supervised", "sscl"]

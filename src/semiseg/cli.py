@@ -530,7 +530,7 @@ def _methods(args: argparse.Namespace) -> int:
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items()) or "none"
         default = " (the default)" if name == default_of("method") else ""
         print(f"{name:18s} {method.summary}{default}\n{'':18s} paper network: {method.paper_network}; options: {options}\n"
-              f"{'':18s} measured: {evidence.describe(name)}")
+              f"{'':18s} measured: " + evidence.describe(name).replace("\n", "\n" + " " * 29))
     if evidence.benchmark_note():
         print(f"\nmeasured: {evidence.benchmark_note()}")
     return 0

@@ -952,7 +952,14 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
     chosen = widget.method.currentText()
     for name in ("supervised", "bcp", chosen):
         widget.method.setCurrentText(name)
-        assert widget.method_evidence.text() == evidence.describe(name)
+        shown = widget.method_evidence.text()
+        assert evidence.measured(name), name
+        for row in evidence.measured(name):  # a table row per labeled count and budget, with its paired test
+            assert f"<td>{row.labeled}&nbsp;·&nbsp;{row.iterations}" in shown and f"{row.dice:.3f}<br>±&nbsp;{row.dice_sd:.3f}" in shown
+            if row.p_value is not None:
+                assert f"{row.delta:+.3f}<br>p {row.p_value:.2g}" in shown
+            if row.equal_time:
+                assert f"{row.equal_time['delta']:+.3f}&nbsp;at&nbsp;{row.equal_time['supervised_iterations']}<br>p " in shown
     # And every measured method at once, so the trade-off is seen before choosing.
     overview = widget.methods_measured.text()
     assert evidence.overview(), "the shipped evidence lists measured methods"

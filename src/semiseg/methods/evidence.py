@@ -90,14 +90,20 @@ def recommended_method() -> str:
     return best
 
 
+def setting(row: Measured) -> str:
+    """What a row was measured at beyond its labeled count: another budget, network or options ('' for none)."""
+    on = "" if row.iterations == compared_budget() else f" at {row.iterations} iterations"
+    on += "" if row.network == "vnet" else f" on {row.network}"
+    if row.options:
+        on += " with " + ", ".join(f"{key}={value}" for key, value in row.options.items())
+    return on
+
+
 def describe(method: str) -> str:
-    """One line: Dice per labeled count with the difference to supervised-only, and the relative time."""
+    """One line per measurement: Dice with the difference to supervised-only; then the relative time."""
     parts = []
     for row in measured(method):
-        on = "" if row.iterations == compared_budget() else f" at {row.iterations} iterations"
-        on += "" if row.network == "vnet" else f" on {row.network}"
-        if row.options:
-            on += " with " + ", ".join(f"{key}={value}" for key, value in row.options.items())
+        on = setting(row)
         text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
@@ -108,12 +114,13 @@ def describe(method: str) -> str:
     time = relative_time(method)
     if time is not None:
         parts.append(f"{time:.1f}x supervised's time per iteration")
-    return "; ".join(parts) if parts else "not benchmarked yet"
+    return "\n".join(parts) if parts else "not benchmarked yet"
 
 
 def overview() -> list[tuple[str, str, str]]:
     """(method, Dice per labeled count with the difference to supervised-only, relative time) for every
-    benchmarked method at the compared budget, best Dice at the fewest labels first: the trade-off at one glance."""
+    benchmarked method at the compared budget: the trade-off at one glance. The methods measured at the fewest
+    labels come first, best Dice first among them (Dice at different labeled counts do not rank methods)."""
     rows = []
     for method in _evidence().get("methods", {}):
         measured_rows = measured(method, compared_budget())
@@ -122,6 +129,6 @@ def overview() -> list[tuple[str, str, str]]:
         dice = ", ".join(f"{row.dice:.3f}" + (f" ({row.delta:+.3f})" if row.delta is not None else "") + f" @{row.labeled}"
                          for row in measured_rows)
         time = relative_time(method)
-        rows.append((measured_rows[0].dice, method, dice, "" if time is None else f"{time:.1f}x"))
-    return [(method, dice, time) for _, method, dice, time in sorted(rows, key=lambda row: -row[0])]
+        rows.append(((measured_rows[0].labeled, -measured_rows[0].dice), method, dice, "" if time is None else f"{time:.1f}x"))
+    return [(method, dice, time) for _, method, dice, time in sorted(rows, key=lambda row: row[0])]
 

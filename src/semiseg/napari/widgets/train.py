@@ -17,6 +17,30 @@ from semiseg.napari.widgets.common import DevicePicker, DockPanel, FolderField, 
 from semiseg.napari.widgets.formatting import default_runs, one_line, stamp
 from semiseg.napari.widgets.training_view import TrainingView
 
+def evidence_table(method: str) -> str:
+    """Rich text for what the benchmark measured for one method: a row per labeled count and budget, each
+    against supervised-only at the same budget and given the method's training time."""
+    from semiseg.methods import evidence
+
+    def against(delta: float | None, p_value: float | None, budget: str = "") -> str:
+        return "" if delta is None or p_value is None else f"{delta:+.3f}{budget}<br>p {p_value:.2g}"
+
+    body = ""
+    for row in evidence.measured(method):
+        same_time = row.equal_time or {}
+        longer = against(same_time.get("delta"), same_time.get("p_value"), f"&nbsp;at&nbsp;{same_time.get('supervised_iterations')}")
+        setting = evidence.setting(row).replace(f" at {row.iterations} iterations", "").strip()
+        body += (f"<tr><td>{row.labeled}&nbsp;·&nbsp;{row.iterations}{'<br>' + setting if setting else ''}</td>"
+                 f"<td>{row.dice:.3f}<br>±&nbsp;{row.dice_sd:.3f}&nbsp;({row.seeds})</td>"
+                 f"<td>{against(row.delta, row.p_value)}</td><td>{longer}</td></tr>")
+    if not body:
+        return "not benchmarked yet"
+    time = evidence.relative_time(method)
+    return ("<table cellspacing=3><tr><th align=left>labeled · iterations</th><th align=left>Dice ± sd (seeds)</th>"
+            f"<th align=left>vs supervised</th><th align=left>vs supervised given its time</th></tr>{body}</table>"
+            + (f"{time:.1f}x supervised's time per iteration" if time is not None else ""))
+
+
 def measured_table(rows: list[tuple[str, str, str]]) -> str:
     """Rich text for the benchmark overview: one row per method."""
     if not rows:
@@ -50,7 +74,8 @@ class TrainWidget(DockPanel):
         # What the benchmark measured for the chosen method, so the trade-off is seen before starting.
         self.method_evidence = grey_label()
         self.method_evidence.setToolTip(evidence.benchmark_note())
-        self.method.currentTextChanged.connect(lambda name: self.method_evidence.setText(evidence.describe(name)))
+        self.method_evidence.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.method.currentTextChanged.connect(lambda name: self.method_evidence.setText(evidence_table(name)))
         # Every measured method at once: Dice (difference to supervised-only) per labeled count, relative time.
         self.methods_measured = grey_label(measured_table(evidence.overview()))
         self.methods_measured.setToolTip(evidence.benchmark_note())
@@ -60,7 +85,7 @@ class TrainWidget(DockPanel):
         # As on the command line: a method trains on its paper's network unless another is chosen after it.
         self.method.currentTextChanged.connect(lambda name: self.network.setCurrentText(method_class(name).paper_network))
         self.method.setCurrentText(default_of("method"))
-        self.method_evidence.setText(evidence.describe(self.method.currentText()))
+        self.method_evidence.setText(evidence_table(self.method.currentText()))
         self.network.setCurrentText(method_class(self.method.currentText()).paper_network)
         self.network_options = QLineEdit()
         self.network_options.setPlaceholderText("e.g. base_filters=8 (default: the network's own)")
