@@ -35,7 +35,7 @@ from semiseg.napari.layers import class_colors
 from semiseg.napari.widgets.formatting import volume_rows
 
 MINIMUM_DOCK_HEIGHT = 160  # pixels: a few rows of a form stay in view however the dock column is shared
-SCREEN_SHARE = 0.4  # of the screen's height: the most a dock's controls ask for; taller ones scroll
+SCREEN_SHARE = 0.35  # of the screen's height: the most a dock's controls ask for; taller ones scroll
 
 # Pickers ------------------------------------------------------------------------------------------
 
