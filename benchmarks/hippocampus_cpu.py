@@ -410,10 +410,15 @@ def plot_dice_vs_count(runs: list[dict], plt) -> None:
             lines.setdefault((method, network, iterations), {})[count] = [r["dice_mean"] for r in group]
     if not lines:
         return
-    # one colour per method and network in both panels (supervised-only, the reference, black; grey on other networks)
+    # One colour per method and network in both panels; supervised-only, the reference, black on the VNet, and on
+    # another network the colour of the method that trains on it, with square markers (grey is left out of the
+    # palette: it read as a supervised line).
     pairs = sorted({(method, network) for method, network, _ in lines if method != "supervised"})
-    colours = dict(zip(pairs, plt.get_cmap("tab10" if len(pairs) <= 10 else "tab20").colors))
-    colours.update({("supervised", network): "black" if network == "vnet" else "grey" for method, network, _ in lines})
+    palette = [colour for index, colour in enumerate(plt.get_cmap("tab10").colors) if index != 7]
+    colours = dict(zip(pairs, palette if len(pairs) <= len(palette) else plt.get_cmap("tab20").colors))
+    for network in {network for method, network, _ in lines if method == "supervised"}:
+        colours[("supervised", network)] = "black" if network == "vnet" else next(
+            (colour for (method, on), colour in colours.items() if on == network and method != "supervised"), "grey")
     budgets = sorted({iterations for _, _, iterations in lines})
     styles, markers = dict(zip(budgets, ("-", "--", ":", "-."))), dict(zip(budgets, "os^vD"))
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
@@ -423,6 +428,8 @@ def plot_dice_vs_count(runs: list[dict], plt) -> None:
             nudge = 1 + 0.015 * (index - len(shown) / 2)  # lines nudged sideways so error bars stay apart
             x, y = [c * nudge for c in counts], [np.mean(points[c]) for c in counts]
             marker, colour = markers.get(iterations, "o"), colours[(method, network)]
+            if method == "supervised" and network != "vnet":
+                marker = "s"
             axis.errorbar(x, y, yerr=[np.std(points[c]) for c in counts], marker=marker, markersize=5, capsize=3, color=colour,
                           linestyle=styles.get(iterations, "-"), label=f"{method} ({network}, {iterations} it)")
             few = [i for i, c in enumerate(counts) if len(points[c]) < 3]  # hollow: a trial, not a comparison

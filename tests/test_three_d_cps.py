@@ -87,7 +87,7 @@ def test_losses_are_finite_and_each_networks_terms_reach_only_it():
     assert _without_gradient(second) == {"heads.0.weight", "heads.0.bias"}
     specs = method.optimizers()
     assert {name: (s.networks, s.kind, s.lr, s.weight_decay) for name, s in specs.items()} == {
-        "first": (["first"], "sgd", 0.01, 3e-5), "second": (["second"], "sgd", 0.01, 3e-5)}
+        "first": (["first"], "sgd", 0.05, 3e-5), "second": (["second"], "sgd", 0.05, 3e-5)}
 
 
 def test_supervised_term_is_deep_supervised_and_cps_term_is_dice_ce_on_the_other_argmax():
