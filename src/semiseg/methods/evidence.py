@@ -90,9 +90,10 @@ def recommended_method() -> str:
     return best
 
 
-def setting(row: Measured) -> str:
-    """What a row was measured at beyond its labeled count: another budget, network or options ('' for none)."""
-    on = "" if row.iterations == compared_budget() else f" at {row.iterations} iterations"
+def setting(row: Measured, budget: bool = True) -> str:
+    """What a row was measured at beyond its labeled count: another budget (unless `budget` is False, for a table
+    with its own budget column), network or options ('' for none)."""
+    on = "" if row.iterations == compared_budget() or not budget else f" at {row.iterations} iterations"
     on += "" if row.network == "vnet" else f" on {row.network}"
     if row.options:
         on += " with " + ", ".join(f"{key}={value}" for key, value in row.options.items())

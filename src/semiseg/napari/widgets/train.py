@@ -29,7 +29,7 @@ def evidence_table(method: str) -> str:
     for row in evidence.measured(method):
         same_time = row.equal_time or {}
         longer = against(same_time.get("delta"), same_time.get("p_value"), f"&nbsp;at&nbsp;{same_time.get('supervised_iterations')}")
-        setting = evidence.setting(row).replace(f" at {row.iterations} iterations", "").strip()
+        setting = evidence.setting(row, budget=False).strip()
         body += (f"<tr><td>{row.labeled}&nbsp;·&nbsp;{row.iterations}{'<br>' + setting if setting else ''}</td>"
                  f"<td>{row.dice:.3f}<br>±&nbsp;{row.dice_sd:.3f}&nbsp;({row.seeds})</td>"
                  f"<td>{against(row.delta, row.p_value)}</td><td>{longer}</td></tr>")
