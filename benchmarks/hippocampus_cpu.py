@@ -420,7 +420,7 @@ def plot_dice_vs_count(runs: list[dict], plt) -> None:
         colours[("supervised", network)] = "black" if network == "vnet" else next(
             (colour for (method, on), colour in colours.items() if on == network and method != "supervised"), "grey")
     budgets = sorted({iterations for _, _, iterations in lines})
-    # one line style and marker per budget, enough for the six budgets measured so far
+    # one line style and marker per budget, for up to seven budgets (six are measured)
     styles = dict(zip(budgets, ("-", "--", ":", "-.", (0, (6, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)))))
     markers = dict(zip(budgets, "os^vDPX"))
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)

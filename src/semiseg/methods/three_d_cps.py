@@ -18,7 +18,8 @@ Paper -> here:
   nearest-downsampled. Only for networks with `deep_supervision_logits` (the nnU-Net ones);
   `deep_supervision: false` supervises the full-resolution output only. L_cps uses the
   full-resolution outputs only (Eq. 2).
-- Optimizers: one per network (Sec. 2.2), SGD, weight decay `weight_decay` 3e-5 (Table 2), batch 2 labeled + 2 unlabeled (the trainer's default --batch-size 2).
+- Optimizers: one per network (Sec. 2.2), SGD, weight decay `weight_decay` 3e-5 (Table 2), batch 2
+  labeled + 2 unlabeled (the trainer's default --batch-size 2).
 - Both networks see the same patch (Fig. 2: "any input X" goes to T1 and T2).
 - Intensity fingerprint: the project's `compute_plan` already clips CT at the 0.5/99.5 percentiles
   and z-scores with statistics of all voxels of all training scans, unlabeled included (the paper's
