@@ -260,7 +260,7 @@ def comparison_lines(runs: list[dict]) -> list[str]:
             cells = [f"{paired['delta']:+.4f} ({seed_count(paired['seeds'])})", f"{paired['p_value']:.3g}", paired["better_cases"],
                      f"{paired['gap_closed']:.0%}" if paired["gap_closed"] is not None else ""]
         name = method + (f" ({variant})" if variant else "")
-        lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f} ± {np.std(dice):.4f} | "
+        lines.append(f"| {count} | {name} | {network} | {iterations} | {len(group)} | {np.mean(dice):.4f}{f' ± {np.std(dice):.4f}' if len(group) > 1 else ''} | "
                      + " | ".join(cells) + f" | {np.mean([r['train_seconds'] for r in group]) / 60:.1f} |")
     return lines + ["", "![Dice vs labeled count](hippocampus_cpu_counts.png)"]
 
@@ -294,7 +294,8 @@ def budget_lines(runs: list[dict], base: int = 1000) -> list[str]:
 
 def relative_times() -> dict[str, float]:
     """Each method's median seconds per iteration over supervised-only's, from throughput.py's one-thread
-    hippocampus table (measured with nothing else running, every method on the VNet base 8)."""
+    hippocampus table (measured with nothing else running; supervised-only on the VNet base 8, every other method
+    on its default network)."""
     throughput = ROOT / "benchmarks" / "results" / "throughput.json"
     table = json.loads(throughput.read_text())["tables"].get(EVIDENCE_THROUGHPUT_TABLE) if throughput.exists() else None
     seconds: dict[str, list[float]] = {}

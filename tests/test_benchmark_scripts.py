@@ -71,6 +71,8 @@ def test_comparison_pairs_cases_over_the_seeds_both_methods_have():
     assert float(cells[7]) < 1e-5 and cells[8] == "30/30"
     expected_gap = 0.05 / (0.9 - np.mean([np.mean(base[s]) for s in (0, 1)]))
     assert cells[9] == f"{expected_gap:.0%}"
+    ceiling = next(line for line in _benchmark().comparison_lines(runs) if line.startswith("| 160 | supervised "))
+    assert ceiling.split("|")[6].strip() == "0.9000"  # one seed: no spread to show
 
 
 def test_equal_time_pairs_each_method_with_supervised_at_its_best_budget_within_the_same_time(monkeypatch):
@@ -168,9 +170,12 @@ def test_the_recommended_method_must_beat_supervised_significantly_over_enough_s
     runs += [_run("cps", 4, seed, list(base[seed] + 0.01)) for seed in (0, 1, 2)]
     runs += [_run("mean-teacher", 4, seed, list(base[seed] + 0.05)) for seed in (0, 1)]  # best, but 2 seeds only
     runs += [_run("bcp", 4, seed, list(base[seed] + rng.normal(0.004, 0.05, 30))) for seed in (0, 1, 2)]  # noise
+    runs += [_run("sscl", 4, 0, list(base[0] + 0.08))]  # best of all, one seed: a trial
     target = tmp_path / "method_evidence.json"
     _benchmark().write_method_evidence(runs, target)
     monkeypatch.setattr(evidence, "_evidence", lambda: json.loads(target.read_text()))
+    [trial] = evidence.measured("sscl")
+    assert evidence.describe("sscl").startswith(f"4 labeled: Dice {trial.dice:.3f} (1 seed), +0.080 vs supervised (p=")
     assert evidence.measured("bcp")[0].p_value > evidence.SIGNIFICANCE
     assert evidence.recommended_method() == "cps"
     runs = [r for r in runs if r["method"] != "cps"]

@@ -955,7 +955,7 @@ def test_train_shows_progress_and_its_model_becomes_selectable(make_napari_viewe
         shown = widget.method_evidence.text()
         assert evidence.measured(name), name
         for row in evidence.measured(name):  # a table row per labeled count and budget, with its paired test
-            assert f"<td>{row.labeled}&nbsp;·&nbsp;{row.iterations}" in shown and f"{row.dice:.3f}<br>±&nbsp;{row.dice_sd:.3f}" in shown
+            assert f"<td>{row.labeled}&nbsp;·&nbsp;{row.iterations}" in shown and f"{row.dice:.3f}<br>{evidence.spread(row, '&nbsp;')}({row.seeds})" in shown
             if row.p_value is not None:
                 assert f"{row.delta:+.3f}<br>p {row.p_value:.2g}" in shown
             if row.equal_time:

@@ -42,7 +42,9 @@ Defaults and their sources:
   first row) the unlabeled patches are not used. L_segc is off by default, a deviation (`--preset
   paper` turns it on): with both terms the 1000-iteration hippocampus row separated the classes by
   iteration 400 and lost both by 700 (0.278, anterior only), without L_segc it kept them (0.819,
-  supervised-only VNet 0.816; one seed, benchmarks/results/hippocampus_cpu.md, notes).
+  supervised-only VNet 0.816; one seed, benchmarks/results/hippocampus_cpu.md, notes). With both off
+  the decoder, trained on the labeled patches alone, never separated the classes (16 labeled, 3 seeds:
+  0.281, one class at Dice 0 in each), where the default reached 0.813: L_qdc is what keeps them apart.
 
 Choices where the paper is silent or unclear, and deviations:
 - The backbone is the run's --network (`uxnet` is the paper's 3D UX-Net; `vnet`/`unet` work too, as

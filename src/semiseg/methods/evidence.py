@@ -58,7 +58,8 @@ def measured(method: str, iterations: int | None = None) -> list[Measured]:
 
 
 def relative_time(method: str) -> float | None:
-    """Seconds per training iteration relative to supervised-only (same network, patch and batch)."""
+    """Seconds per training iteration relative to supervised-only, same patch and batch, each method on its default
+    network (dk-uxnet's UX-Net, 3d-cps's residual U-Net, the VNet for the others) and options."""
     return _evidence().get("methods", {}).get(method, {}).get("relative_time")
 
 
@@ -100,12 +101,17 @@ def setting(row: Measured, budget: bool = True) -> str:
     return on
 
 
+def spread(row: Measured, space: str = " ") -> str:
+    """'± sd ' over the seeds, '' for one seed (which has no spread to show); `space` separates the parts."""
+    return f"±{space}{row.dice_sd:.3f}{space}" if row.seeds > 1 else ""
+
+
 def describe(method: str) -> str:
     """One line per measurement: Dice with the difference to supervised-only; then the relative time."""
     parts = []
     for row in measured(method):
         on = setting(row)
-        text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} ± {row.dice_sd:.3f} ({row.seeds} seed{'s' if row.seeds > 1 else ''})"
+        text = f"{row.labeled} labeled{on}: Dice {row.dice:.3f} {spread(row)}({row.seeds} seed{'s' if row.seeds > 1 else ''})"
         if row.delta is not None and row.p_value is not None:
             text += f", {row.delta:+.3f} vs supervised (p={row.p_value:.2g})"
         if row.equal_time:

@@ -31,7 +31,7 @@ def evidence_table(method: str) -> str:
         longer = against(same_time.get("delta"), same_time.get("p_value"), f"&nbsp;at&nbsp;{same_time.get('supervised_iterations')}")
         setting = evidence.setting(row, budget=False).strip()
         body += (f"<tr><td>{row.labeled}&nbsp;·&nbsp;{row.iterations}{'<br>' + setting if setting else ''}</td>"
-                 f"<td>{row.dice:.3f}<br>±&nbsp;{row.dice_sd:.3f}&nbsp;({row.seeds})</td>"
+                 f"<td>{row.dice:.3f}<br>{evidence.spread(row, '&nbsp;')}({row.seeds})</td>"
                  f"<td>{against(row.delta, row.p_value)}</td><td>{longer}</td></tr>")
     if not body:
         return "not benchmarked yet"
